@@ -1,0 +1,37 @@
+"""The `nemo-rlhf` command: one module per verb, each registering its own subparser."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nemo_rlhf import __version__
+from nemo_rlhf.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nemo_rlhf.cli import lineage, models, run, spec
+
+    parser = argparse.ArgumentParser(prog="nemo-rlhf", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nemo-rlhf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (run, models, lineage, spec):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"error: {err.render()}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Batched generation, response log-probabilities and reward scores for evaluation.
+
+Kept apart from the stages so the evaluation gate can score checkpoints the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Generated:
+    prompt_ids: list[int]
+    response_ids: list[int]  # up to and including the first EOS
+    text: str  # decoded response without special tokens
+    finished: bool  # ended with EOS within the token budget
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             sample: bool, seed: int, desc: str = "generating") -> list[Generated]:
+    """Generate one response per prompt (token ids with the generation prompt applied).
+
+    Greedy when `sample` is False; otherwise ancestral sampling at temperature 1 with no
+    top-k/top-p, so log-ratio averages are unbiased KL estimates.
+    """
+    torch.manual_seed(seed)
+    model.eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out: list[Generated] = []
+    for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False):
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos, pad_token_id=pad, **options)
+        for prompt, row in zip(batch, result[:, width:].tolist()):
+            finished = eos in row
+            response = row[: row.index(eos) + 1] if finished else row
+            text = tokenizer.decode(response, skip_special_tokens=True)
+            out.append(Generated(list(prompt), response, text, finished))
+    return out
+
+
+def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    return ids, mask
+
+
+@torch.no_grad()
+def response_logprobs(model, items: list[Generated], pad: int, batch_size: int) -> list[float]:
+    """Sum over response tokens of log p(token | prefix) under `model`."""
+    totals = []
+    for batch in _batches(items, batch_size):
+        ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad)
+        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for row, g in enumerate(batch):
+            start = len(g.prompt_ids) - 1  # logits at position t predict token t+1
+            totals.append(token_lp[row, start:start + len(g.response_ids)].sum().item())
+    return totals
+
+
+@torch.no_grad()
+def reward_scores(reward_model, items: list[Generated], pad: int, batch_size: int) -> list[float]:
+    """The reward model's scalar for each prompt + response (read at the last real token)."""
+    scores = []
+    for batch in _batches(items, batch_size):
+        ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad)
+        last = mask.sum(dim=1) - 1
+        logits = reward_model(input_ids=ids, attention_mask=mask).logits  # [B, 1] at the last non-pad token
+        if logits.dim() == 3:
+            logits = logits[torch.arange(len(batch)), last]
+        scores += logits.squeeze(-1).float().tolist()
+    return scores

