@@ -42,22 +42,27 @@ def lineage_chain(stage_dir: Path) -> dict:
     return node
 
 
-def render_chain(node: dict, indent: int = 0) -> list[str]:
-    """Text lines of a lineage tree, newest stage first."""
+def render_chain(node: dict, indent: int = 0, shown: set | None = None) -> list[str]:
+    """Text lines of a lineage tree, newest stage first; a stage reached twice (the chain
+    is a DAG) is printed in full once and referred to after that."""
+    shown = set() if shown is None else shown
     pad = "  " * indent
+    arrow = "<- " if indent else ""
     if node.get("missing"):
         return [f"{pad}<- {node['stage']}: MISSING ({node['dir']})"]
     mark = "" if node.get("intact", True) else "  [CHANGED since this child ran: re-run to refresh]"
-    arrow = "<- " if indent else ""
+    if node["dir"] in shown:
+        return [f"{pad}{arrow}{node['stage']}  (shown above){mark}"]
+    shown.add(node["dir"])
     lines = [f"{pad}{arrow}{node['stage']}  {node['dir']}  fingerprint {node['fingerprint'][:12]}  "
              f"{node['started_at']} .. {node['finished_at']}{mark}"]
     for path, digest in node["files"].items():
         lines.append(f"{pad}     file {path}  sha256 {digest[:12]}")
-    shown = {k: v for k, v in list(node["metrics"].items())[:6]}
-    if shown:
-        lines.append(f"{pad}     metrics " + ", ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+    metrics = dict(list(node["metrics"].items())[:6])
+    if metrics:
+        lines.append(f"{pad}     metrics " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
     for parent in node["parents"]:
-        lines += render_chain(parent, indent + 1)
+        lines += render_chain(parent, indent + 1, shown)
     return lines
 
 

@@ -79,7 +79,9 @@ def eval_math_problems(spec: PipelineSpec, root: Path) -> list[MathProblem]:
 
 
 def eval_chat_prompts(spec: PipelineSpec, root: Path) -> list[list[dict]]:
-    return [pair.prompt for pair in preference_split(spec, root).heldout[: spec.data.eval.hh_num]]
+    """All held-out prompts in split order; the eval stage keeps the first `data.eval.hh_num`
+    that fit its prompt length."""
+    return [pair.prompt for pair in preference_split(spec, root).heldout]
 
 
 def _report_dict(report) -> dict:

@@ -71,6 +71,9 @@ def _run_one(stage, spec: PipelineSpec, run_dir: Path, root: Path, log) -> Stage
     ctx = StageContext(spec=spec, spec_dict=spec_to_dict(spec), out=tmp, run_dir=run_dir, data_root=root,
                        parents={p: run_dir / p for p in stage.parents(spec)}, log=log)
     metrics = stage.run(ctx)
+    for child in tmp.iterdir():  # trainers create output dirs they may leave empty
+        if child.is_dir() and not any(child.iterdir()):
+            child.rmdir()
     outputs = {k: v for k, v in sha256_tree(tmp).items() if k != MANIFEST}
     write_manifest(tmp, build_manifest(inputs, started_at, metrics, outputs, ctx.notes))
     promote(tmp, final)

@@ -60,6 +60,7 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
     problems += [f"{k}: must be > 0, got {get(spec, k)}" for k in POSITIVE_INTS + POSITIVE_FLOATS if get(spec, k) <= 0]
     problems += [f"{k}: must be >= 0, got {get(spec, k)}" for k in NON_NEGATIVE if get(spec, k) < 0]
     problems += [f"{k}: must be within [0, 1], got {get(spec, k)}" for k in UNIT_INTERVAL if not 0 <= get(spec, k) <= 1]
+    problems += [f"{k}: must be < 1 (a share of the steps), got {get(spec, k)}" for k in ("sft.warmup_ratio", "rm.warmup_ratio") if get(spec, k) >= 1]
     problems += _model_problems(spec)
     problems += _batch_problems(spec)
     problems += _file_problems(spec)

@@ -10,7 +10,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from nemo_rlhf.models.materialize import build_random_model, check_hf_dir, materialize_named
+from transformers import AutoConfig
+
+from nemo_rlhf.errors import UserError
+from nemo_rlhf.models.materialize import build_random_model, check_hf_dir, make_portable, materialize_named
 from nemo_rlhf.models.registry import find_gguf
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
@@ -44,10 +47,34 @@ class BaseModelStage:
             _link_or_copy_tree(check_hf_dir(Path(m.path).expanduser()), out)
         else:
             build_random_model(m.random, data_path(ctx.data_root, m.tokenizer), m.chat_template, out, seed=ctx.spec.seed)
-        tokenizer = load_tokenizer(out)
+        tokenizer = _distinct_pad_token(out, ctx)
         ctx.notes["chat_template_sha256"] = chat_template_sha256(tokenizer)
         ctx.notes["eos_token"] = tokenizer.eos_token
         return {"parameters": _count_parameters(out)}
+
+
+def _distinct_pad_token(model_dir: Path, ctx):
+    """Give the pipeline's base model a pad token that is not EOS.
+
+    SmolLM2 ships pad == eos. Padding-aware code (reward read at the last non-pad token,
+    TRL's PPO sequence lengths, label masking) would then treat the final EOS as padding.
+    We use the tokenizer's unk/endoftext token instead and record the change.
+    """
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer
+    candidate = tokenizer.unk_token or "<|endoftext|>"
+    if candidate not in tokenizer.get_vocab() or tokenizer.convert_tokens_to_ids(candidate) == tokenizer.eos_token_id:
+        raise UserError(f"the base tokenizer's pad token is its EOS and it has no other token to pad with ({model_dir})",
+                        fix="use a tokenizer with a distinct pad or unk token")
+    tokenizer.pad_token = candidate
+    tokenizer.save_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    config.pad_token_id = tokenizer.pad_token_id
+    config.save_pretrained(model_dir)
+    make_portable(model_dir)
+    ctx.notes["pad_token_changed"] = f"pad was EOS; now {candidate} (id {tokenizer.pad_token_id})"
+    return tokenizer
 
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:

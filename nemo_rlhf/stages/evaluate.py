@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from nemo_rlhf.data.examples import prompt_example
+from nemo_rlhf.data.examples import build_prompt_rows
 from nemo_rlhf.data.gsm8k import answers_match, extract_final_answer
 from nemo_rlhf.data.jsonl import write_jsonl_atomic
 from nemo_rlhf.generation import generate, response_logprobs, reward_scores
@@ -39,7 +39,7 @@ class EvalStage:
         return ("base", "sft", "rm", "ppo")
 
     def config(self, spec: PipelineSpec) -> dict:
-        return {"eval": asdict(spec.eval), "data.eval": asdict(spec.data.eval),
+        return {"eval": asdict(spec.eval), "data.eval": asdict(spec.data.eval), "ppo.prompt_max_length": spec.ppo.prompt_max_length,
                 "data.preference": asdict(spec.data.preference), "seed": spec.seed}
 
     def input_files(self, spec: PipelineSpec, root: Path) -> list[Path]:
@@ -50,8 +50,12 @@ class EvalStage:
         tokenizer = load_tokenizer(ctx.parents[REFERENCE] / MODEL_DIR)
         math = data_plan.eval_math_problems(spec, ctx.data_root)
         chats = data_plan.eval_chat_prompts(spec, ctx.data_root)
-        math_prompts = [_prompt_ids(tokenizer, [{"role": "user", "content": p.question}]) for p in math]
-        chat_prompts = [_prompt_ids(tokenizer, chat) for chat in chats]
+        # Every question of the fixed GSM8K slice is kept; hh-rlhf prompts are held to the
+        # PPO prompt length so the policy is judged on prompts like those it trained on.
+        math_rows, _ = build_prompt_rows(tokenizer, math, max_length=1 << 20)
+        chat_rows, _ = build_prompt_rows(tokenizer, chats, spec.ppo.prompt_max_length)
+        math_prompts = [r["input_ids"] for r in math_rows]
+        chat_prompts = [r["input_ids"] for r in chat_rows[: spec.data.eval.hh_num]]
         dtype = torch_dtype(ctx)
         reference = AutoModelForCausalLM.from_pretrained(ctx.parents[REFERENCE] / MODEL_DIR, dtype=dtype)
         reward_model = AutoModelForSequenceClassification.from_pretrained(ctx.parents["rm"] / MODEL_DIR, num_labels=1, dtype=dtype)
@@ -87,10 +91,6 @@ class EvalStage:
             write_jsonl_atomic(ctx.out / "responses" / f"{name}.jsonl", rows)
         plot_eval_summary(results, SUMMARY_METRICS, ctx.out / "summary.png", f"base vs SFT vs PPO ({ctx.spec.name})")
         plot_length_histogram(lengths, ctx.out / "lengths.png", "hh-rlhf response lengths")
-
-
-def _prompt_ids(tokenizer, chat: list[dict]) -> list[int]:
-    return prompt_example(tokenizer, chat, max_length=None)["input_ids"]
 
 
 def _summary(correct: list[bool], chat_out: list, scores: list[float], kl: list[float]) -> dict:

@@ -119,9 +119,8 @@ class PPOStage:
 
     def _prompts(self, ctx, tokenizer) -> Dataset:
         spec, root = ctx.spec, ctx.data_root
-        chats = data_plan.ppo_chat_prompts(spec, root)
-        chats += [[{"role": "user", "content": p.question}] for p in data_plan.ppo_math_questions(spec, root)]
-        rows, dropped = build_prompt_rows(tokenizer, chats, spec.ppo.prompt_max_length)
+        prompts = data_plan.ppo_chat_prompts(spec, root) + data_plan.ppo_math_questions(spec, root)
+        rows, dropped = build_prompt_rows(tokenizer, prompts, spec.ppo.prompt_max_length)
         raise_if_issues("ppo", lint_prompts(tokenizer, rows))
         ctx.notes.update(prompts=len(rows), dropped_too_long=dropped)
         ctx.log(f"[ppo] {len(rows)} prompts ({dropped} longer than {spec.ppo.prompt_max_length} tokens dropped)")

@@ -66,9 +66,12 @@ class RewardModelStage:
         trainer = RewardTrainer(model=model, args=args, train_dataset=_pairs_dataset(rows),
                                 processing_class=tokenizer, callbacks=[recorder])
         trainer.train()
-        heldout_metrics = trainer.evaluate(_pairs_dataset(heldout), metric_key_prefix="heldout")
+        trainer.evaluate(_pairs_dataset(heldout))
         save_model(trainer.model, tokenizer, ctx.out / MODEL_DIR)
         save_curves(ctx, recorder.rows, CURVES, f"Reward model ({spec.name})")
         metrics = final_metrics(recorder.rows, ["loss", "accuracy", "margin", "train_loss", "train_runtime"])
-        metrics.update({k: v for k, v in heldout_metrics.items() if k.startswith("heldout_")})
+        # RewardTrainer logs its evaluation as eval_*: on held-out pairs here.
+        last = recorder.rows[-1]
+        metrics.update({f"heldout_{k}": last[f"eval_{k}"] for k in ("loss", "accuracy", "margin", "mean_reward")
+                        if f"eval_{k}" in last})
         return metrics

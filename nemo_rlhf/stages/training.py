@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from nemo_rlhf.errors import LintError
+from nemo_rlhf.models.materialize import make_portable
 from nemo_rlhf.plotting import plot_curves
 from nemo_rlhf.spec.hyperparams import trl_kwargs
 
@@ -99,4 +100,5 @@ def save_model(model, tokenizer, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    make_portable(out)  # also readable by transformers 4.x (NeMo containers): see make_portable
     return out

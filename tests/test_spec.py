@@ -1,0 +1,80 @@
+"""Spec loading: typed, strict, every problem reported with its key and file, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from nemo_rlhf.errors import UserError
+from nemo_rlhf.spec.hyperparams import TABLE, trl_kwargs
+from nemo_rlhf.spec.loader import default_recipe_path, load_spec
+from nemo_rlhf.spec.schema import PipelineSpec
+from tests.helpers import TINY, cli
+
+
+def test_recipes_load():
+    tiny = load_spec(TINY)
+    assert tiny.model.source == "random" and tiny.scale == "small"
+    default = load_spec(None)
+    assert default_recipe_path().name == "smollm2-135m-cpu.yaml"
+    assert default.model.name == "smollm2-135m-instruct"
+
+
+def test_overrides_are_typed():
+    spec = load_spec(TINY, ["ppo.kl_coef=0.02", "ppo.whiten_rewards=true", "rm.init_from=base"])
+    assert spec.ppo.kl_coef == 0.02 and spec.ppo.whiten_rewards is True and spec.rm.init_from == "base"
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text() + "\nextra_section: {a: 1}\n")
+    with pytest.raises(UserError) as err:
+        load_spec(bad, ["ppo.kl_coeff=1", "sft.max_stepz=3"])
+    text = err.value.render()
+    assert str(bad) in text
+    assert "extra_section: unknown key" in text
+    assert "ppo.kl_coeff: unknown key (did you mean ppo.kl_coef?)" in text
+    assert "sft.max_stepz" in text and "3 problems" in text
+
+
+def test_impossible_values_named():
+    with pytest.raises(UserError) as err:
+        load_spec(TINY, ["ppo.num_mini_batches=3", "model.random.num_kv_heads=3", "ppo.gamma=1.5", "name=a b"])
+    text = err.value.render()
+    for key in ("ppo.num_mini_batches", "model.random.num_kv_heads", "ppo.gamma", "name:"):
+        assert key in text
+
+
+def test_trl_mapping_covers_every_canonical_field():
+    spec = PipelineSpec()
+    for stage in ("sft", "rm", "ppo"):
+        kwargs = trl_kwargs(spec, stage)
+        mapped = {m.canonical for m in TABLE if m.stage == stage}
+        assert set(kwargs) == {m.trl for m in TABLE if m.stage == stage}
+        section_fields = set(vars(getattr(spec, stage)))
+        unmapped = section_fields - mapped - {"init_from", "eval_pairs", "prompt_max_length"}
+        assert not unmapped, f"{stage} fields with no TRL mapping: {unmapped}"
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("ppo.kl_coeff=0.1", "ppo.kl_coeff: unknown key"),
+    ("sft.lr=fast", "sft.lr: Value 'fast'"),
+    ("data.sft.path=missing.jsonl", "data.sft.path: file not found"),
+])
+def test_cli_spec_errors_exit_2_without_traceback(tmp_path, override, needle):
+    proc = cli("run", str(TINY), override, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and str(TINY) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_cli_missing_spec_file(tmp_path):
+    proc = cli("run", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "spec file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: {lr: [1, 2\n")
+    proc = cli("spec", "validate", str(bad))
+    assert proc.returncode == 2 and "not valid YAML" in proc.stderr
