@@ -65,7 +65,8 @@ def git_commit() -> str | None:
         return None
 
 
-def build_manifest(inputs: StageInputs, started_at: str, metrics: dict, outputs: dict, notes: dict) -> dict:
+def build_manifest(inputs: StageInputs, started_at: str, duration_s: float, metrics: dict, outputs: dict,
+                   notes: dict) -> dict:
     """The manifest dict of a finished stage."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -79,6 +80,7 @@ def build_manifest(inputs: StageInputs, started_at: str, metrics: dict, outputs:
         "git_commit": git_commit(),
         "started_at": started_at,
         "finished_at": now_iso(),
+        "duration_s": round(duration_s, 3),
         "metrics": metrics,
         "outputs": outputs,
         "notes": notes,

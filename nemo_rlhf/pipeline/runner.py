@@ -75,9 +75,9 @@ def _run_one(stage, spec: PipelineSpec, run_dir: Path, root: Path, log) -> Stage
         if child.is_dir() and not any(child.iterdir()):
             child.rmdir()
     outputs = {k: v for k, v in sha256_tree(tmp).items() if k != MANIFEST}
-    write_manifest(tmp, build_manifest(inputs, started_at, metrics, outputs, ctx.notes))
+    seconds = time.monotonic() - start
+    write_manifest(tmp, build_manifest(inputs, started_at, seconds, metrics, outputs, ctx.notes))
     promote(tmp, final)
     gc.collect()
-    seconds = time.monotonic() - start
     log(f"[{stage.name}] done in {seconds:.1f} s -> {final}")
     return StageOutcome(stage.name, "ran", seconds, reason)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.models.materialize import build_random_model, check_hf_dir, make_portable, materialize_named
@@ -69,9 +69,10 @@ def _distinct_pad_token(model_dir: Path, ctx):
                         fix="use a tokenizer with a distinct pad or unk token")
     tokenizer.pad_token = candidate
     tokenizer.save_pretrained(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.save_pretrained(model_dir)
+    for loader in (AutoConfig, GenerationConfig):
+        config = loader.from_pretrained(model_dir)
+        config.pad_token_id = tokenizer.pad_token_id
+        config.save_pretrained(model_dir)
     make_portable(model_dir)
     ctx.notes["pad_token_changed"] = f"pad was EOS; now {candidate} (id {tokenizer.pad_token_id})"
     return tokenizer

@@ -1,0 +1,11 @@
+"""Run a spec's pipeline up to the base vs SFT vs PPO evaluation stage.
+
+    python small_scale/evaluate.py SPEC --out RUN_DIR [dotted.key=value ...]
+"""
+
+import sys
+
+from nemo_rlhf.cli.main import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:], "--until", "eval"]))
