@@ -21,6 +21,8 @@ LOCK = ".nemo-rlhf.lock"
 @contextmanager
 def run_dir_lock(run_dir: Path):
     """Hold an exclusive lock on RUN_DIR for the whole run (two runs must not interleave)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} exists and is not a directory", fix="choose a directory path for --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK, "w")
     try:

@@ -10,6 +10,7 @@ unless its own config changed.
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,11 @@ def _run_one(stage, spec: PipelineSpec, run_dir: Path, root: Path, log) -> Stage
     tmp = new_temp_stage_dir(run_dir, stage.name)
     ctx = StageContext(spec=spec, spec_dict=spec_to_dict(spec), out=tmp, run_dir=run_dir, data_root=root,
                        parents={p: run_dir / p for p in stage.parents(spec)}, log=log)
-    metrics = stage.run(ctx)
+    try:
+        metrics = stage.run(ctx)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed stage leaves nothing half-written
+        raise
     for child in tmp.iterdir():  # trainers create output dirs they may leave empty
         if child.is_dir() and not any(child.iterdir()):
             child.rmdir()

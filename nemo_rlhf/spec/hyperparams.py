@@ -19,23 +19,20 @@ class Mapping(NamedTuple):
     note: str = ""
 
 
-TABLE: tuple[Mapping, ...] = (
-    Mapping("sft", "lr", "learning_rate"),
-    Mapping("sft", "max_steps", "max_steps"),
-    Mapping("sft", "micro_batch_size", "per_device_train_batch_size"),
-    Mapping("sft", "grad_accum", "gradient_accumulation_steps"),
-    Mapping("sft", "max_length", "max_length", "we drop longer examples before TRL sees them; TRL would truncate"),
-    Mapping("sft", "warmup_ratio", "warmup_steps", "transformers 5: a float in [0, 1) is a ratio of total steps"),
-    Mapping("sft", "weight_decay", "weight_decay"),
-    Mapping("sft", "logging_steps", "logging_steps"),
-    Mapping("rm", "lr", "learning_rate"),
-    Mapping("rm", "max_steps", "max_steps"),
-    Mapping("rm", "micro_batch_size", "per_device_train_batch_size", "pairs per device; each pair is two sequences"),
-    Mapping("rm", "grad_accum", "gradient_accumulation_steps"),
-    Mapping("rm", "max_length", "max_length", "TRL drops longer pairs; we drop them first and count them"),
-    Mapping("rm", "warmup_ratio", "warmup_steps", "transformers 5: a float in [0, 1) is a ratio of total steps"),
-    Mapping("rm", "weight_decay", "weight_decay"),
-    Mapping("rm", "logging_steps", "logging_steps"),
+_WARMUP = "transformers 5: a float in [0, 1) is a ratio of total steps"
+# SFT and RM train through the same transformers Trainer arguments.
+_TRAINER_ROWS = (
+    ("lr", "learning_rate", ""),
+    ("max_steps", "max_steps", ""),
+    ("micro_batch_size", "per_device_train_batch_size", "RM: pairs per device; each pair is two sequences"),
+    ("grad_accum", "gradient_accumulation_steps", ""),
+    ("max_length", "max_length", "we drop longer examples first and count them; TRL would truncate (SFT) or drop (RM)"),
+    ("warmup_ratio", "warmup_steps", _WARMUP),
+    ("weight_decay", "weight_decay", ""),
+    ("logging_steps", "logging_steps", ""),
+)
+
+TABLE: tuple[Mapping, ...] = tuple(Mapping(stage, *row) for stage in ("sft", "rm") for row in _TRAINER_ROWS) + (
     Mapping("ppo", "lr", "learning_rate"),
     Mapping("ppo", "total_episodes", "total_episodes"),
     Mapping("ppo", "rollout_batch_size", "per_device_train_batch_size", "TRL: rollout batch = per_device_train_batch_size * grad accum * world size; we keep grad accum 1"),

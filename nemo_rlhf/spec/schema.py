@@ -86,29 +86,29 @@ class DataConfig:
 
 
 @dataclass
-class SFTConfig:
+class TrainerConfig:
+    """What SFT and RM training share; each stage's own defaults are set below."""
+
     lr: float = _f(2e-5, "Peak learning rate.")
     max_steps: int = _f(40, "Optimizer steps.")
-    micro_batch_size: int = _f(4, "Examples per forward pass.")
+    micro_batch_size: int = _f(4, "Examples (RM: pairs) per forward pass.")
     grad_accum: int = _f(1, "Micro batches per optimizer step (global batch = micro_batch_size * grad_accum * DP).")
-    max_length: int = _f(256, "Longest tokenized example; longer ones are dropped (counted in the manifest).")
+    max_length: int = _f(256, "Longest tokenized sequence; longer examples are dropped (counted in the manifest).")
     warmup_ratio: float = _f(0.0, "Share of steps with linear warmup.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     logging_steps: int = _f(1, "Log every N steps.")
 
 
 @dataclass
-class RMConfig:
-    init_from: str = _f("sft", "Initial weights of the reward model: sft (InstructGPT) or base.")
+class SFTConfig(TrainerConfig):
+    pass
+
+
+@dataclass
+class RMConfig(TrainerConfig):
     lr: float = _f(1e-5, "Peak learning rate.")
-    max_steps: int = _f(40, "Optimizer steps.")
-    micro_batch_size: int = _f(4, "Pairs per forward pass.")
-    grad_accum: int = _f(1, "Micro batches per optimizer step.")
-    max_length: int = _f(256, "Longest chosen/rejected sequence; longer pairs are dropped (counted in the manifest).")
+    init_from: str = _f("sft", "Initial weights of the reward model: sft (InstructGPT) or base.")
     eval_pairs: int = _f(64, "Held-out pairs scored after training (accuracy, margin); 0 = all.")
-    warmup_ratio: float = _f(0.0, "Share of steps with linear warmup.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    logging_steps: int = _f(1, "Log every N steps.")
 
 
 @dataclass

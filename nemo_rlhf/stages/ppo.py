@@ -25,7 +25,7 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
-from nemo_rlhf.stages.training import (TRAIN_LOG, LogRecorder, final_metrics, load_tokenizer,
+from nemo_rlhf.stages.training import (require_rows, TRAIN_LOG, LogRecorder, final_metrics, load_tokenizer,
                                        require_same_template, save_curves, save_model, torch_dtype,
                                        trainer_args)
 
@@ -121,6 +121,7 @@ class PPOStage:
         spec, root = ctx.spec, ctx.data_root
         prompts = data_plan.ppo_chat_prompts(spec, root) + data_plan.ppo_math_questions(spec, root)
         rows, dropped = build_prompt_rows(tokenizer, prompts, spec.ppo.prompt_max_length)
+        require_rows("ppo", rows, "prompts that fit ppo.prompt_max_length", "raise ppo.prompt_max_length or data.prompts.*")
         raise_if_issues("ppo", lint_prompts(tokenizer, rows))
         ctx.notes.update(prompts=len(rows), dropped_too_long=dropped)
         ctx.log(f"[ppo] {len(rows)} prompts ({dropped} longer than {spec.ppo.prompt_max_length} tokens dropped)")

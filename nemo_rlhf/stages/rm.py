@@ -22,7 +22,7 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
-from nemo_rlhf.stages.training import (TRAIN_LOG, LogRecorder, chat_template_sha256, final_metrics,
+from nemo_rlhf.stages.training import (require_rows, TRAIN_LOG, LogRecorder, chat_template_sha256, final_metrics,
                                        load_tokenizer, require_same_template, save_curves, save_model,
                                        torch_dtype, trainer_args)
 
@@ -54,6 +54,7 @@ class RewardModelStage:
         rows, dropped = build_preference_rows(tokenizer, data_plan.rm_train_pairs(spec, ctx.data_root), spec.rm.max_length)
         heldout, heldout_dropped = build_preference_rows(tokenizer, split.heldout, spec.rm.max_length)
         heldout = heldout[: spec.rm.eval_pairs or len(heldout)]
+        require_rows("rm", rows, "pairs that fit rm.max_length", "raise rm.max_length or data.preference.num_examples")
         raise_if_issues("rm", lint_preference(tokenizer, rows))
         ctx.notes.update(pairs=len(rows), dropped_too_long=dropped, heldout_pairs=len(heldout),
                          heldout_dropped_too_long=heldout_dropped, parse_report=split.report,

@@ -21,7 +21,7 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
-from nemo_rlhf.stages.training import (TRAIN_LOG, LogRecorder, chat_template_sha256, final_metrics,
+from nemo_rlhf.stages.training import (require_rows, TRAIN_LOG, LogRecorder, chat_template_sha256, final_metrics,
                                        load_tokenizer, require_same_template, save_curves, save_model,
                                        torch_dtype, trainer_args)
 
@@ -46,6 +46,7 @@ class SFTStage:
         tokenizer = load_tokenizer(base / MODEL_DIR)
         require_same_template("sft", tokenizer, read_manifest(base)["notes"]["chat_template_sha256"], "base")
         rows, dropped = build_sft_rows(tokenizer, data_plan.sft_problems(spec, ctx.data_root), spec.sft.max_length)
+        require_rows("sft", rows, "examples that fit sft.max_length", "raise sft.max_length or data.sft.num_examples")
         raise_if_issues("sft", lint_sft(tokenizer, rows))
         ctx.notes.update(examples=len(rows), dropped_too_long=dropped, chat_template_sha256=chat_template_sha256(tokenizer),
                          loss_tokens=sum(sum(r["completion_mask"]) for r in rows))

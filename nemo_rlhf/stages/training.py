@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
-from nemo_rlhf.errors import LintError
+from nemo_rlhf.errors import LintError, UserError
 from nemo_rlhf.models.materialize import make_portable
 from nemo_rlhf.plotting import plot_curves
 from nemo_rlhf.spec.hyperparams import trl_kwargs
@@ -78,6 +78,12 @@ def require_same_template(stage: str, tokenizer, expected_sha: str, expected_fro
             where=stage,
             fix="train every stage with one tokenizer and chat template (re-run from the stage that changed it)",
         )
+
+
+def require_rows(stage: str, rows: list, what: str, fix: str) -> None:
+    """Stop a stage that has nothing to train on, naming the key to change."""
+    if not rows:
+        raise UserError(f"{stage}: no {what} left to train on", where=stage, fix=fix)
 
 
 def final_metrics(rows: list[dict], keys: list[str]) -> dict:
