@@ -3,7 +3,7 @@
 It does what a TRL user would write by hand: read prepared jsonl rows, let the TRL trainer
 tokenize them, train with the same hyperparameters, save. No lint, manifests, hashing or
 plots. It prints one JSON line with the seconds its body took (imports excluded, as they
-are for our stages' duration_s).
+are for our stages' duration_s) and the seconds of trainer.train() alone.
 
     python bench/bare_trl.py {sft,rm,ppo} --run RUN_DIR --rows ROWS.jsonl --spec SPEC --out DIR
 """
@@ -17,7 +17,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
@@ -30,25 +34,25 @@ def common(spec, out: Path) -> dict:
                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
 
 
-def sft(spec, run: Path, rows: list[dict], out: Path) -> None:
+def sft(spec, run: Path, rows: list[dict], out: Path) -> float:
     tok = AutoTokenizer.from_pretrained(run / "base" / "model")
     model = AutoModelForCausalLM.from_pretrained(run / "base" / "model")
     args = SFTConfig(**trl_kwargs(spec, "sft"), **common(spec, out), completion_only_loss=True)
-    SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok).train()
-    model.save_pretrained(out / "model")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return _train_and_save(trainer, model, out)
 
 
-def rm(spec, run: Path, rows: list[dict], out: Path) -> None:
+def rm(spec, run: Path, rows: list[dict], out: Path) -> float:
     init = run / spec.rm.init_from / "model"
     tok = AutoTokenizer.from_pretrained(init)
     model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
     args = RewardConfig(**trl_kwargs(spec, "rm"), **common(spec, out))
-    RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok).train()
-    model.save_pretrained(out / "model")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    return _train_and_save(trainer, model, out)
 
 
-def ppo(spec, run: Path, rows: list[dict], out: Path) -> None:
+def ppo(spec, run: Path, rows: list[dict], out: Path) -> float:
     tok = AutoTokenizer.from_pretrained(run / "sft" / "model", padding_side="left")
     ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
            for r in rows]
@@ -59,9 +63,18 @@ def ppo(spec, run: Path, rows: list[dict], out: Path) -> None:
     value = AutoModelForSequenceClassification.from_pretrained(run / "rm" / "model", num_labels=1)
     args = PPOConfig(**trl_kwargs(spec, "ppo"), **common(spec, out), stop_token="eos", num_sample_generations=0,
                      local_rollout_forward_batch_size=spec.ppo.rollout_batch_size, logging_steps=1)
-    PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-               value_model=value, train_dataset=dataset).train()
-    policy.save_pretrained(out / "model")
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=dataset)
+    return _train_and_save(trainer, policy, out)
+
+
+def _train_and_save(trainer, model, out: Path) -> float:
+    """Train, save, and return the seconds train() took."""
+    start = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - start
+    model.save_pretrained(out / "model")
+    return seconds
 
 
 STAGES = {"sft": sft, "rm": rm, "ppo": ppo}
@@ -78,8 +91,8 @@ def main() -> None:
     spec = load_spec(args.spec)
     start = time.monotonic()
     rows = [json.loads(line) for line in args.rows.read_text().splitlines()]
-    STAGES[args.stage](spec, args.run, rows, args.out)
-    print(json.dumps({"stage": args.stage, "seconds": time.monotonic() - start}))
+    train_seconds = STAGES[args.stage](spec, args.run, rows, args.out)
+    print(json.dumps({"stage": args.stage, "seconds": time.monotonic() - start, "train_seconds": train_seconds}))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,21 @@ from pathlib import Path
 from typing import Callable
 
 from nemo_rlhf.lineage.hashing import sha256_file, sha256_tree
-from nemo_rlhf.lineage.manifest import (MANIFEST, StageInputs, build_manifest, now_iso, parent_ref,
-                                        read_manifest, write_manifest)
-from nemo_rlhf.lineage.stage_dir import new_temp_stage_dir, promote, remove_leftovers, run_dir_lock
+from nemo_rlhf.lineage.manifest import (
+    MANIFEST,
+    StageInputs,
+    build_manifest,
+    now_iso,
+    parent_ref,
+    read_manifest,
+    write_manifest,
+)
+from nemo_rlhf.lineage.stage_dir import (
+    new_temp_stage_dir,
+    promote,
+    remove_leftovers,
+    run_dir_lock,
+)
 from nemo_rlhf.pipeline.stage import StageContext
 from nemo_rlhf.pipeline.stages import STAGES
 from nemo_rlhf.spec.loader import spec_to_dict

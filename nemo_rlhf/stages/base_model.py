@@ -9,11 +9,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safetensors import safe_open
-
 from transformers import AutoConfig, GenerationConfig
 
 from nemo_rlhf.errors import UserError
-from nemo_rlhf.models.materialize import build_random_model, check_hf_dir, make_portable, materialize_named
+from nemo_rlhf.models.materialize import (
+    build_random_model,
+    check_hf_dir,
+    make_portable,
+    materialize_named,
+)
 from nemo_rlhf.models.registry import find_gguf
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec

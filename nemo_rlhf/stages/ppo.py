@@ -25,9 +25,19 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
-from nemo_rlhf.stages.training import (require_rows, TRAIN_LOG, LogRecorder, final_metrics, load_tokenizer,
-                                       require_same_template, save_curves, save_model, torch_dtype,
-                                       trainer_args)
+from nemo_rlhf.stages.training import (
+    TRAIN_LOG,
+    LogRecorder,
+    final_metrics,
+    load_tokenizer,
+    require_rows,
+    require_same_template,
+    save_curves,
+    save_model,
+    timed_train,
+    torch_dtype,
+    trainer_args,
+)
 
 CURVES = {"reward": ["objective/scores", "objective/rlhf_reward"], "KL to reference": ["objective/kl"],
           "loss": ["loss/policy_avg", "loss/value_avg"], "response length (tokens)": ["response_length"]}
@@ -110,7 +120,7 @@ class PPOStage:
                              reward_model=reward_model, value_model=value_model, train_dataset=dataset,
                              callbacks=[recorder])
         with recorder.record_rollouts():
-            trainer.train()
+            timed_train(ctx, trainer)
         save_model(policy, tokenizer, ctx.out / MODEL_DIR)
         save_curves(ctx, recorder.rows, CURVES, f"PPO ({spec.name})")
         metrics = final_metrics(recorder.rows, FINAL_KEYS)

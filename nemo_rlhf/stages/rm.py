@@ -22,9 +22,20 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
-from nemo_rlhf.stages.training import (require_rows, TRAIN_LOG, LogRecorder, chat_template_sha256, final_metrics,
-                                       load_tokenizer, require_same_template, save_curves, save_model,
-                                       torch_dtype, trainer_args)
+from nemo_rlhf.stages.training import (
+    TRAIN_LOG,
+    LogRecorder,
+    chat_template_sha256,
+    final_metrics,
+    load_tokenizer,
+    require_rows,
+    require_same_template,
+    save_curves,
+    save_model,
+    timed_train,
+    torch_dtype,
+    trainer_args,
+)
 
 CURVES = {"loss": ["loss"], "accuracy": ["accuracy"], "margin": ["margin"],
           "reward": ["min_reward", "mean_reward", "max_reward"]}
@@ -66,7 +77,7 @@ class RewardModelStage:
         args = RewardConfig(**trainer_args(ctx, "rm"), eval_strategy="no")
         trainer = RewardTrainer(model=model, args=args, train_dataset=_pairs_dataset(rows),
                                 processing_class=tokenizer, callbacks=[recorder])
-        trainer.train()
+        timed_train(ctx, trainer)
         trainer.evaluate(_pairs_dataset(heldout))
         save_model(trainer.model, tokenizer, ctx.out / MODEL_DIR)
         save_curves(ctx, recorder.rows, CURVES, f"Reward model ({spec.name})")

@@ -21,9 +21,20 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
-from nemo_rlhf.stages.training import (require_rows, TRAIN_LOG, LogRecorder, chat_template_sha256, final_metrics,
-                                       load_tokenizer, require_same_template, save_curves, save_model,
-                                       torch_dtype, trainer_args)
+from nemo_rlhf.stages.training import (
+    TRAIN_LOG,
+    LogRecorder,
+    chat_template_sha256,
+    final_metrics,
+    load_tokenizer,
+    require_rows,
+    require_same_template,
+    save_curves,
+    save_model,
+    timed_train,
+    torch_dtype,
+    trainer_args,
+)
 
 CURVES = {"loss": ["loss"], "token accuracy": ["mean_token_accuracy"], "learning rate": ["learning_rate"],
           "grad norm": ["grad_norm"]}
@@ -56,7 +67,7 @@ class SFTStage:
         recorder = LogRecorder(ctx.out / TRAIN_LOG)
         args = SFTConfig(**trainer_args(ctx, "sft"), completion_only_loss=True, packing=False)
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[recorder])
-        trainer.train()
+        timed_train(ctx, trainer)
         save_model(trainer.model, tokenizer, ctx.out / MODEL_DIR)
         save_curves(ctx, recorder.rows, CURVES, f"SFT ({spec.name})")
         return final_metrics(recorder.rows, ["loss", "mean_token_accuracy", "train_loss", "train_runtime"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -78,6 +79,13 @@ def require_same_template(stage: str, tokenizer, expected_sha: str, expected_fro
             where=stage,
             fix="train every stage with one tokenizer and chat template (re-run from the stage that changed it)",
         )
+
+
+def timed_train(ctx, trainer) -> None:
+    """trainer.train(), with its seconds kept in the manifest notes (the benchmark compares them)."""
+    start = time.monotonic()
+    trainer.train()
+    ctx.notes["train_seconds"] = round(time.monotonic() - start, 3)
 
 
 def require_rows(stage: str, rows: list, what: str, fix: str) -> None:
