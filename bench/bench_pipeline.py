@@ -39,8 +39,14 @@ def measured(cmd: list[str]) -> tuple[int, float, float, str]:
     """Run cmd; return (exit code, wall seconds, peak RSS in GiB, stdout)."""
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"})
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"},
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         out.seek(0)
         text = out.read()
@@ -51,16 +57,30 @@ def export_rows(spec, run: Path, stage: str, path: Path) -> None:
     """The rows our stage trains on, as plain TRL conversational jsonl."""
     root = data_root(spec.data.root)
     if stage == "sft":
-        rows = [{"prompt": math_prompt_messages(p), "completion": [{"role": "assistant", "content": gsm8k_sft_target(p.answer)}]}
-                for p in data_plan.sft_problems(spec, root)]
+        rows = [
+            {
+                "prompt": math_prompt_messages(p),
+                "completion": [{"role": "assistant", "content": gsm8k_sft_target(p.answer)}],
+            }
+            for p in data_plan.sft_problems(spec, root)
+        ]
     elif stage == "rm":
-        rows = [{"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
-                 "rejected": [{"role": "assistant", "content": p.rejected}]} for p in data_plan.rm_train_pairs(spec, root)]
+        rows = [
+            {
+                "prompt": p.prompt,
+                "chosen": [{"role": "assistant", "content": p.chosen}],
+                "rejected": [{"role": "assistant", "content": p.rejected}],
+            }
+            for p in data_plan.rm_train_pairs(spec, root)
+        ]
     else:
         tok = load_tokenizer(run / "sft" / "model")
         items = data_plan.ppo_chat_prompts(spec, root) + data_plan.ppo_math_questions(spec, root)
-        rows = [{"prompt": _messages(i)} for i in items
-                if prompt_example(tok, _messages(i), spec.ppo.prompt_max_length) is not None]
+        rows = [
+            {"prompt": _messages(i)}
+            for i in items
+            if prompt_example(tok, _messages(i), spec.ppo.prompt_max_length) is not None
+        ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -72,17 +92,35 @@ def bench(spec_path: str | None, results: Path, bare: bool) -> dict:
     spec = load_spec(spec_path)
     work = Path(tempfile.mkdtemp(prefix="nemo-rlhf-bench-"))
     run = work / "run"
-    report = {"spec": str(spec_path or default_recipe_path()), "name": spec.name, "cpu_count": os.cpu_count(),
-              "stages": {}}
+    report = {
+        "spec": str(spec_path or default_recipe_path()),
+        "name": spec.name,
+        "cpu_count": os.cpu_count(),
+        "stages": {},
+    }
     total_start = time.monotonic()
     for stage in STAGE_NAMES:
-        cmd = [sys.executable, "-m", "nemo_rlhf", "run", *([spec_path] if spec_path else []), "--out", str(run), "--until", stage]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nemo_rlhf",
+            "run",
+            *([spec_path] if spec_path else []),
+            "--out",
+            str(run),
+            "--until",
+            stage,
+        ]
         code, wall, rss, text = measured(cmd)
         if code != 0:
             raise SystemExit(f"stage {stage} failed ({code}):\n{text[-3000:]}")
         manifest = json.loads((run / stage / "manifest.json").read_text())
-        row = {"seconds": manifest["duration_s"], "process_wall_s": round(wall, 1), "peak_rss_gib": round(rss, 2),
-               "train_seconds": manifest["notes"].get("train_seconds")}
+        row = {
+            "seconds": manifest["duration_s"],
+            "process_wall_s": round(wall, 1),
+            "peak_rss_gib": round(rss, 2),
+            "train_seconds": manifest["notes"].get("train_seconds"),
+        }
         if bare and stage in ("sft", "rm", "ppo"):
             row.update(_bare(spec, spec_path, run, stage, work))
         report["stages"][stage] = row
@@ -94,14 +132,27 @@ def bench(spec_path: str | None, results: Path, bare: bool) -> dict:
 def _bare(spec, spec_path, run: Path, stage: str, work: Path) -> dict:
     rows = work / f"{stage}.jsonl"
     export_rows(spec, run, stage, rows)
-    cmd = [sys.executable, "bench/bare_trl.py", stage, "--run", str(run), "--rows", str(rows),
-           "--out", str(work / f"bare-{stage}"), *(["--spec", spec_path] if spec_path else [])]
+    cmd = [
+        sys.executable,
+        "bench/bare_trl.py",
+        stage,
+        "--run",
+        str(run),
+        "--rows",
+        str(rows),
+        "--out",
+        str(work / f"bare-{stage}"),
+        *(["--spec", spec_path] if spec_path else []),
+    ]
     code, _, rss, text = measured(cmd)
     if code != 0:
         raise SystemExit(f"bare {stage} failed ({code}):\n{text[-3000:]}")
     result = json.loads(text.strip().splitlines()[-1])
-    return {"bare_trl_seconds": round(result["seconds"], 2), "bare_trl_train_seconds": round(result["train_seconds"], 2),
-            "bare_trl_peak_rss_gib": round(rss, 2)}
+    return {
+        "bare_trl_seconds": round(result["seconds"], 2),
+        "bare_trl_train_seconds": round(result["train_seconds"], 2),
+        "bare_trl_peak_rss_gib": round(rss, 2),
+    }
 
 
 def write(report: dict, results: Path) -> None:
@@ -116,13 +167,19 @@ def write(report: dict, results: Path) -> None:
             row["bare_outside_train_s"] = round(row["bare_trl_seconds"] - row["bare_trl_train_seconds"], 1)
     stem = results / f"pipeline-{report['name']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# {report['name']} on {report['cpu_count']} CPU cores: whole pipeline {report['pipeline_wall_s']} s", "",
-             "| stage | seconds | peak RSS GiB | bare TRL seconds | ratio (target <= 1.05) | train() ratio "
-             "| outside train(): ours / bare s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {report['name']} on {report['cpu_count']} CPU cores: whole pipeline {report['pipeline_wall_s']} s",
+        "",
+        "| stage | seconds | peak RSS GiB | bare TRL seconds | ratio (target <= 1.05) | train() ratio "
+        "| outside train(): ours / bare s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for stage, row in report["stages"].items():
-        lines.append(f"| {stage} | {row['seconds']:.1f} | {row['peak_rss_gib']} | {row.get('bare_trl_seconds', '-')} | "
-                     f"{row.get('overhead_ratio', '-')} | {row.get('train_ratio', '-')} | "
-                     f"{row.get('outside_train_s', '-')} / {row.get('bare_outside_train_s', '-')} |")
+        lines.append(
+            f"| {stage} | {row['seconds']:.1f} | {row['peak_rss_gib']} | {row.get('bare_trl_seconds', '-')} | "
+            f"{row.get('overhead_ratio', '-')} | {row.get('train_ratio', '-')} | "
+            f"{row.get('outside_train_s', '-')} / {row.get('bare_outside_train_s', '-')} |"
+        )
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,12 +21,20 @@ class Generated:
 
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             sample: bool, seed: int, desc: str = "generating") -> list[Generated]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    sample: bool,
+    seed: int,
+    desc: str = "generating",
+) -> list[Generated]:
     """Generate one response per prompt (token ids with the generation prompt applied).
 
     Greedy when `sample` is False; otherwise ancestral sampling at temperature 1 with no
@@ -41,8 +49,14 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                eos_token_id=eos, pad_token_id=pad, **options)
+        result = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            **options,
+        )
         for prompt, row in zip(batch, result[:, width:].tolist()):
             finished = eos in row
             response = row[: row.index(eos) + 1] if finished else row
@@ -68,7 +82,7 @@ def response_logprobs(model, items: list[Generated], pad: int, batch_size: int) 
         token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         for row, g in enumerate(batch):
             start = len(g.prompt_ids) - 1  # logits at position t predict token t+1
-            totals.append(token_lp[row, start:start + len(g.response_ids)].sum().item())
+            totals.append(token_lp[row, start : start + len(g.response_ids)].sum().item())
     return totals
 
 

@@ -38,7 +38,7 @@ def plot_curves(history: list[dict], panels: dict[str, list[str]], out: Path, ti
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()

@@ -33,8 +33,18 @@ def test_every_stage_has_outputs_and_manifest(tiny_run):
     for stage in STAGES:
         m = manifest(run_dir, stage)
         assert m["stage"] == stage
-        for key in ("fingerprint", "inputs", "config", "command", "packages", "git_commit", "started_at",
-                    "finished_at", "metrics", "outputs"):
+        for key in (
+            "fingerprint",
+            "inputs",
+            "config",
+            "command",
+            "packages",
+            "git_commit",
+            "started_at",
+            "finished_at",
+            "metrics",
+            "outputs",
+        ):
             assert key in m, (stage, key)
         assert m["packages"]["trl"] == "1.12.0"
         assert all(len(d) == 64 for d in m["inputs"]["files"].values())
@@ -81,8 +91,17 @@ def test_lineage_show_reaches_data_and_base_model(tiny_run):
     run_dir, _ = tiny_run
     proc = cli("lineage", "show", str(run_dir / "eval"), check=True)
     out = proc.stdout
-    for needle in ("eval", "<- ppo", "<- sft", "<- rm", "<- base", "gsm8k/train.jsonl", "gsm8k/test.jsonl",
-                   "harmless-base-test.jsonl.gz", "tokenizers/gpt2/tokenizer.json"):
+    for needle in (
+        "eval",
+        "<- ppo",
+        "<- sft",
+        "<- rm",
+        "<- base",
+        "gsm8k/train.jsonl",
+        "gsm8k/test.jsonl",
+        "harmless-base-test.jsonl.gz",
+        "tokenizers/gpt2/tokenizer.json",
+    ):
         assert needle in out, needle
     assert "CHANGED" not in out
     chain = json.loads(cli("lineage", "show", str(run_dir / "eval"), "--json", check=True).stdout)
@@ -116,8 +135,13 @@ def test_killed_stage_leaves_nothing_finished(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # A long SFT so that the kill surely lands while it trains.
-    proc = subprocess.Popen([sys.executable, "-m", "nemo_rlhf", "run", str(TINY), "--out", str(run_dir), "sft.max_steps=500"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nemo_rlhf", "run", str(TINY), "--out", str(run_dir), "sft.max_steps=500"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not list(run_dir.glob(".sft.tmp-*/train_log.jsonl")):  # SFT is training

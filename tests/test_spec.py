@@ -55,11 +55,14 @@ def test_trl_mapping_covers_every_canonical_field():
         assert not unmapped, f"{stage} fields with no TRL mapping: {unmapped}"
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("ppo.kl_coeff=0.1", "ppo.kl_coeff: unknown key"),
-    ("sft.lr=fast", "sft.lr: Value 'fast'"),
-    ("data.sft.path=missing.jsonl", "data.sft.path: file not found"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("ppo.kl_coeff=0.1", "ppo.kl_coeff: unknown key"),
+        ("sft.lr=fast", "sft.lr: Value 'fast'"),
+        ("data.sft.path=missing.jsonl", "data.sft.path: file not found"),
+    ],
+)
 def test_cli_spec_errors_exit_2_without_traceback(tmp_path, override, needle):
     proc = cli("run", str(TINY), override, "--out", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr

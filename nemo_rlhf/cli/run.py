@@ -9,8 +9,11 @@ from nemo_rlhf.errors import UserError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="run a pipeline spec (SFT -> RM -> PPO -> eval) at small scale with TRL",
-                       description="Run a pipeline spec. Finished stages whose config and inputs did not change are skipped.")
+    p = sub.add_parser(
+        "run",
+        help="run a pipeline spec (SFT -> RM -> PPO -> eval) at small scale with TRL",
+        description="Run a pipeline spec. Finished stages whose config and inputs did not change are skipped.",
+    )
     p.add_argument("spec", nargs="?", help="spec YAML; default: the embedded recipe (SmolLM2-135M-Instruct on CPU)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.02")
     p.add_argument("--out", required=True, type=Path, help="run directory (one sub-directory per stage)")
@@ -26,8 +29,10 @@ def run(args) -> int:
         spec_path, overrides = None, [spec_path, *overrides]  # only overrides were given
     spec = load_spec(spec_path, overrides)
     if spec.scale != "small":
-        raise UserError(f"scale is {spec.scale!r}: `run` executes small-scale pipelines",
-                        fix="set scale=small, or use the SLURM launcher for large-scale specs")
+        raise UserError(
+            f"scale is {spec.scale!r}: `run` executes small-scale pipelines",
+            fix="set scale=small, or use the SLURM launcher for large-scale specs",
+        )
     from nemo_rlhf.pipeline.runner import run_pipeline
     from nemo_rlhf.pipeline.stages import STAGE_NAMES
 
@@ -38,7 +43,9 @@ def run(args) -> int:
     outcomes = run_pipeline(spec, args.out, until=args.until)
     ran = [o.stage for o in outcomes if o.status == "ran"]
     skipped = [o.stage for o in outcomes if o.status == "skipped"]
-    print(f"finished in {time.monotonic() - start:.1f} s; ran: {', '.join(ran) or 'none'}; "
-          f"skipped (up to date): {', '.join(skipped) or 'none'}")
+    print(
+        f"finished in {time.monotonic() - start:.1f} s; ran: {', '.join(ran) or 'none'}; "
+        f"skipped (up to date): {', '.join(skipped) or 'none'}"
+    )
     print(f"lineage: nemo-rlhf lineage show {args.out / outcomes[-1].stage}")
     return 0

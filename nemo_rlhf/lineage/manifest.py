@@ -20,7 +20,17 @@ from nemo_rlhf.lineage.hashing import sha256_file, sha256_json
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
-TRACKED_PACKAGES = ("nemo-rlhf", "torch", "transformers", "trl", "datasets", "accelerate", "safetensors", "omegaconf", "gguf")
+TRACKED_PACKAGES = (
+    "nemo-rlhf",
+    "torch",
+    "transformers",
+    "trl",
+    "datasets",
+    "accelerate",
+    "safetensors",
+    "omegaconf",
+    "gguf",
+)
 
 
 @dataclass
@@ -33,8 +43,14 @@ class StageInputs:
     parents: dict[str, dict] = field(default_factory=dict)  # stage -> {"manifest": path, "sha256": ...}
 
     def fingerprint(self) -> str:
-        return sha256_json({"stage": self.stage, "config": self.config, "files": sorted(self.files.values()),
-                            "parents": {k: v["sha256"] for k, v in self.parents.items()}})
+        return sha256_json(
+            {
+                "stage": self.stage,
+                "config": self.config,
+                "files": sorted(self.files.values()),
+                "parents": {k: v["sha256"] for k, v in self.parents.items()},
+            }
+        )
 
 
 def now_iso() -> str:
@@ -55,18 +71,25 @@ def git_commit() -> str | None:
     """The commit of the nemo-rlhf checkout that ran (dirty marked), or None outside git."""
     repo = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def build_manifest(inputs: StageInputs, started_at: str, duration_s: float, metrics: dict, outputs: dict,
-                   notes: dict) -> dict:
+def build_manifest(
+    inputs: StageInputs, started_at: str, duration_s: float, metrics: dict, outputs: dict, notes: dict
+) -> dict:
     """The manifest dict of a finished stage."""
     return {
         "schema_version": SCHEMA_VERSION,
@@ -103,7 +126,9 @@ def read_manifest(stage_dir: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"corrupt manifest: {err}", where=str(path), fix=f"delete {stage_dir} to re-run that stage") from None
+        raise UserError(
+            f"corrupt manifest: {err}", where=str(path), fix=f"delete {stage_dir} to re-run that stage"
+        ) from None
 
 
 def parent_ref(stage_dir: Path) -> dict:

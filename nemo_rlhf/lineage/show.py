@@ -18,8 +18,10 @@ def lineage_chain(stage_dir: Path) -> dict:
     stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is None:
-        raise UserError(f"no {MANIFEST} in {stage_dir}: not a finished stage",
-                        fix="pass a stage directory of a run, e.g. RUN_DIR/eval (run the pipeline first)")
+        raise UserError(
+            f"no {MANIFEST} in {stage_dir}: not a finished stage",
+            fix="pass a stage directory of a run, e.g. RUN_DIR/eval (run the pipeline first)",
+        )
     node = {
         "stage": manifest["stage"],
         "dir": str(stage_dir),
@@ -54,8 +56,10 @@ def render_chain(node: dict, indent: int = 0, shown: set | None = None) -> list[
     if node["dir"] in shown:
         return [f"{pad}{arrow}{node['stage']}  (shown above){mark}"]
     shown.add(node["dir"])
-    lines = [f"{pad}{arrow}{node['stage']}  {node['dir']}  fingerprint {node['fingerprint'][:12]}  "
-             f"{node['started_at']} .. {node['finished_at']}{mark}"]
+    lines = [
+        f"{pad}{arrow}{node['stage']}  {node['dir']}  fingerprint {node['fingerprint'][:12]}  "
+        f"{node['started_at']} .. {node['finished_at']}{mark}"
+    ]
     for path, digest in node["files"].items():
         lines.append(f"{pad}     file {path}  sha256 {digest[:12]}")
     metrics = dict(list(node["metrics"].items())[:6])

@@ -29,7 +29,9 @@ def run_dir_lock(run_dir: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(f"another nemo-rlhf run is using {run_dir}", fix="wait for it to finish or choose another --out") from None
+        raise UserError(
+            f"another nemo-rlhf run is using {run_dir}", fix="wait for it to finish or choose another --out"
+        ) from None
     try:
         handle.write(str(os.getpid()))
         handle.flush()

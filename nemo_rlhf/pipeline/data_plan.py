@@ -52,7 +52,7 @@ def sft_problems(spec: PipelineSpec, root: Path) -> list[MathProblem]:
 def ppo_math_questions(spec: PipelineSpec, root: Path) -> list[MathProblem]:
     problems = _shuffled(_gsm8k(str(data_path(root, spec.data.sft.path))), spec.seed)
     start = spec.data.sft.num_examples or len(problems)
-    return problems[start:start + spec.data.prompts.gsm8k]
+    return problems[start : start + spec.data.prompts.gsm8k]
 
 
 def preference_split(spec: PipelineSpec, root: Path) -> PreferenceSplit:

@@ -54,8 +54,9 @@ def stage_inputs(stage, spec: PipelineSpec, run_dir: Path, root: Path) -> StageI
     return StageInputs(stage=stage.name, config=stage.config(spec), files=files, parents=parents)
 
 
-def run_pipeline(spec: PipelineSpec, run_dir: Path, log: Callable[[str], None] = print,
-                 until: str | None = None) -> list[StageOutcome]:
+def run_pipeline(
+    spec: PipelineSpec, run_dir: Path, log: Callable[[str], None] = print, until: str | None = None
+) -> list[StageOutcome]:
     """Run every stage of `spec` into `run_dir` (or up to and including `until`)."""
     run_dir = Path(run_dir)
     root = data_root(spec.data.root)
@@ -81,8 +82,15 @@ def _run_one(stage, spec: PipelineSpec, run_dir: Path, root: Path, log) -> Stage
     log(f"[{stage.name}] running ({reason})")
     start, started_at = time.monotonic(), now_iso()
     tmp = new_temp_stage_dir(run_dir, stage.name)
-    ctx = StageContext(spec=spec, spec_dict=spec_to_dict(spec), out=tmp, run_dir=run_dir, data_root=root,
-                       parents={p: run_dir / p for p in stage.parents(spec)}, log=log)
+    ctx = StageContext(
+        spec=spec,
+        spec_dict=spec_to_dict(spec),
+        out=tmp,
+        run_dir=run_dir,
+        data_root=root,
+        parents={p: run_dir / p for p in stage.parents(spec)},
+        log=log,
+    )
     try:
         metrics = stage.run(ctx)
     except BaseException:

@@ -35,7 +35,12 @@ _TRAINER_ROWS = (
 TABLE: tuple[Mapping, ...] = tuple(Mapping(stage, *row) for stage in ("sft", "rm") for row in _TRAINER_ROWS) + (
     Mapping("ppo", "lr", "learning_rate"),
     Mapping("ppo", "total_episodes", "total_episodes"),
-    Mapping("ppo", "rollout_batch_size", "per_device_train_batch_size", "TRL: rollout batch = per_device_train_batch_size * grad accum * world size; we keep grad accum 1"),
+    Mapping(
+        "ppo",
+        "rollout_batch_size",
+        "per_device_train_batch_size",
+        "TRL: rollout batch = per_device_train_batch_size * grad accum * world size; we keep grad accum 1",
+    ),
     Mapping("ppo", "num_mini_batches", "num_mini_batches"),
     Mapping("ppo", "ppo_epochs", "num_ppo_epochs"),
     Mapping("ppo", "response_length", "response_length"),
@@ -48,7 +53,12 @@ TABLE: tuple[Mapping, ...] = tuple(Mapping(stage, *row) for stage in ("sft", "rm
     Mapping("ppo", "value_clip", "cliprange_value"),
     Mapping("ppo", "vf_coef", "vf_coef"),
     Mapping("ppo", "whiten_rewards", "whiten_rewards", "TRL always whitens advantages; this switch is for rewards"),
-    Mapping("ppo", "missing_eos_penalty", "missing_eos_penalty", "TRL subtracts it from the score; NeMo-Aligner instead masks responses without a stop string"),
+    Mapping(
+        "ppo",
+        "missing_eos_penalty",
+        "missing_eos_penalty",
+        "TRL subtracts it from the score; NeMo-Aligner instead masks responses without a stop string",
+    ),
 )
 
 

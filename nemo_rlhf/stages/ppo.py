@@ -8,9 +8,13 @@ train on, tokenized with the chat template's generation prompt and left-padded.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
+
+# PPO lives in trl.experimental in 1.12 (and nowhere after): we use it on purpose, pinned.
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch
 from datasets import Dataset
@@ -39,17 +43,32 @@ from nemo_rlhf.stages.training import (
     trainer_args,
 )
 
-CURVES = {"reward": ["objective/scores", "objective/rlhf_reward"], "KL to reference": ["objective/kl"],
-          "loss": ["loss/policy_avg", "loss/value_avg"], "response length (tokens)": ["response_length"]}
-FINAL_KEYS = ["objective/scores", "objective/rlhf_reward", "objective/kl", "objective/entropy", "loss/policy_avg",
-              "loss/value_avg", "policy/clipfrac_avg", "response_length", "eos_rate"]
+CURVES = {
+    "reward": ["objective/scores", "objective/rlhf_reward"],
+    "KL to reference": ["objective/kl"],
+    "loss": ["loss/policy_avg", "loss/value_avg"],
+    "response length (tokens)": ["response_length"],
+}
+FINAL_KEYS = [
+    "objective/scores",
+    "objective/rlhf_reward",
+    "objective/kl",
+    "objective/entropy",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/clipfrac_avg",
+    "response_length",
+    "eos_rate",
+]
 
 
 def response_lengths(responses: torch.Tensor, eos_id: int) -> list[int]:
     """Tokens up to and including the first EOS (the whole row when there is none)."""
     is_eos = responses == eos_id
     has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, responses.shape[1], dtype=torch.long))
+    first = torch.where(
+        has_eos, is_eos.int().argmax(dim=1) + 1, torch.full_like(has_eos, responses.shape[1], dtype=torch.long)
+    )
     return first.tolist()
 
 
@@ -71,7 +90,7 @@ class PPOLogRecorder(LogRecorder):
 
         def recording(model, queries, *args, **kwargs):
             query_responses, logits = original(model, queries, *args, **kwargs)
-            responses = query_responses[:, queries.shape[1]:]
+            responses = query_responses[:, queries.shape[1] :]
             self.lengths += response_lengths(responses, self.eos_id)
             self.finished += (responses == self.eos_id).any(dim=1).tolist()
             return query_responses, logits
@@ -93,8 +112,13 @@ class PPOStage:
         return ("sft", "rm")
 
     def config(self, spec: PipelineSpec) -> dict:
-        return {"ppo": asdict(spec.ppo), "data.prompts": asdict(spec.data.prompts),
-                "data.preference": asdict(spec.data.preference), "data.sft": asdict(spec.data.sft), "seed": spec.seed}
+        return {
+            "ppo": asdict(spec.ppo),
+            "data.prompts": asdict(spec.data.prompts),
+            "data.preference": asdict(spec.data.preference),
+            "data.sft": asdict(spec.data.sft),
+            "seed": spec.seed,
+        }
 
     def input_files(self, spec: PipelineSpec, root: Path) -> list[Path]:
         return [data_path(root, spec.data.sft.path), data_path(root, spec.data.preference.path)]
@@ -114,11 +138,24 @@ class PPOStage:
         for m in (policy, ref_policy, reward_model, value_model):
             m.config.pad_token_id = tokenizer.pad_token_id
         recorder = PPOLogRecorder(ctx.out / TRAIN_LOG, tokenizer.eos_token_id)
-        args = PPOConfig(**trainer_args(ctx, "ppo"), stop_token="eos", num_sample_generations=0, logging_steps=1,
-                         local_rollout_forward_batch_size=spec.ppo.rollout_batch_size, gradient_accumulation_steps=1)
-        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref_policy,
-                             reward_model=reward_model, value_model=value_model, train_dataset=dataset,
-                             callbacks=[recorder])
+        args = PPOConfig(
+            **trainer_args(ctx, "ppo"),
+            stop_token="eos",
+            num_sample_generations=0,
+            logging_steps=1,
+            local_rollout_forward_batch_size=spec.ppo.rollout_batch_size,
+            gradient_accumulation_steps=1,
+        )
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            value_model=value_model,
+            train_dataset=dataset,
+            callbacks=[recorder],
+        )
         with recorder.record_rollouts():
             timed_train(ctx, trainer)
         save_model(policy, tokenizer, ctx.out / MODEL_DIR)
@@ -131,7 +168,9 @@ class PPOStage:
         spec, root = ctx.spec, ctx.data_root
         prompts = data_plan.ppo_chat_prompts(spec, root) + data_plan.ppo_math_questions(spec, root)
         rows, dropped = build_prompt_rows(tokenizer, prompts, spec.ppo.prompt_max_length)
-        require_rows("ppo", rows, "prompts that fit ppo.prompt_max_length", "raise ppo.prompt_max_length or data.prompts.*")
+        require_rows(
+            "ppo", rows, "prompts that fit ppo.prompt_max_length", "raise ppo.prompt_max_length or data.prompts.*"
+        )
         raise_if_issues("ppo", lint_prompts(tokenizer, rows))
         ctx.notes.update(prompts=len(rows), dropped_too_long=dropped)
         ctx.log(f"[ppo] {len(rows)} prompts ({dropped} longer than {spec.ppo.prompt_max_length} tokens dropped)")

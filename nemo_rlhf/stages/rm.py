@@ -37,8 +37,12 @@ from nemo_rlhf.stages.training import (
     trainer_args,
 )
 
-CURVES = {"loss": ["loss"], "accuracy": ["accuracy"], "margin": ["margin"],
-          "reward": ["min_reward", "mean_reward", "max_reward"]}
+CURVES = {
+    "loss": ["loss"],
+    "accuracy": ["accuracy"],
+    "margin": ["margin"],
+    "reward": ["min_reward", "mean_reward", "max_reward"],
+}
 
 
 def _pairs_dataset(rows: list[dict]) -> Dataset:
@@ -62,21 +66,31 @@ class RewardModelStage:
         tokenizer = load_tokenizer(init / MODEL_DIR)
         require_same_template("rm", tokenizer, read_manifest(init)["notes"]["chat_template_sha256"], init.name)
         split = data_plan.preference_split(spec, ctx.data_root)
-        rows, dropped = build_preference_rows(tokenizer, data_plan.rm_train_pairs(spec, ctx.data_root), spec.rm.max_length)
+        rows, dropped = build_preference_rows(
+            tokenizer, data_plan.rm_train_pairs(spec, ctx.data_root), spec.rm.max_length
+        )
         heldout, heldout_dropped = build_preference_rows(tokenizer, split.heldout, spec.rm.max_length)
         heldout = heldout[: spec.rm.eval_pairs or len(heldout)]
         require_rows("rm", rows, "pairs that fit rm.max_length", "raise rm.max_length or data.preference.num_examples")
         raise_if_issues("rm", lint_preference(tokenizer, rows))
-        ctx.notes.update(pairs=len(rows), dropped_too_long=dropped, heldout_pairs=len(heldout),
-                         heldout_dropped_too_long=heldout_dropped, parse_report=split.report,
-                         chat_template_sha256=chat_template_sha256(tokenizer))
+        ctx.notes.update(
+            pairs=len(rows),
+            dropped_too_long=dropped,
+            heldout_pairs=len(heldout),
+            heldout_dropped_too_long=heldout_dropped,
+            parse_report=split.report,
+            chat_template_sha256=chat_template_sha256(tokenizer),
+        )
         ctx.log(f"[rm] {len(rows)} training pairs ({dropped} too long), {len(heldout)} held-out pairs")
-        model = AutoModelForSequenceClassification.from_pretrained(init / MODEL_DIR, num_labels=1, dtype=torch_dtype(ctx))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            init / MODEL_DIR, num_labels=1, dtype=torch_dtype(ctx)
+        )
         model.config.pad_token_id = tokenizer.pad_token_id
         recorder = LogRecorder(ctx.out / TRAIN_LOG)
         args = RewardConfig(**trainer_args(ctx, "rm"), eval_strategy="no")
-        trainer = RewardTrainer(model=model, args=args, train_dataset=_pairs_dataset(rows),
-                                processing_class=tokenizer, callbacks=[recorder])
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=_pairs_dataset(rows), processing_class=tokenizer, callbacks=[recorder]
+        )
         timed_train(ctx, trainer)
         trainer.evaluate(_pairs_dataset(heldout))
         save_model(trainer.model, tokenizer, ctx.out / MODEL_DIR)
@@ -84,6 +98,11 @@ class RewardModelStage:
         metrics = final_metrics(recorder.rows, ["loss", "accuracy", "margin", "train_loss", "train_runtime"])
         # RewardTrainer logs its evaluation as eval_*: on held-out pairs here.
         last = recorder.rows[-1]
-        metrics.update({f"heldout_{k}": last[f"eval_{k}"] for k in ("loss", "accuracy", "margin", "mean_reward")
-                        if f"eval_{k}" in last})
+        metrics.update(
+            {
+                f"heldout_{k}": last[f"eval_{k}"]
+                for k in ("loss", "accuracy", "margin", "mean_reward")
+                if f"eval_{k}" in last
+            }
+        )
         return metrics

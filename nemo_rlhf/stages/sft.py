@@ -36,8 +36,12 @@ from nemo_rlhf.stages.training import (
     trainer_args,
 )
 
-CURVES = {"loss": ["loss"], "token accuracy": ["mean_token_accuracy"], "learning rate": ["learning_rate"],
-          "grad norm": ["grad_norm"]}
+CURVES = {
+    "loss": ["loss"],
+    "token accuracy": ["mean_token_accuracy"],
+    "learning rate": ["learning_rate"],
+    "grad norm": ["grad_norm"],
+}
 
 
 class SFTStage:
@@ -59,14 +63,22 @@ class SFTStage:
         rows, dropped = build_sft_rows(tokenizer, data_plan.sft_problems(spec, ctx.data_root), spec.sft.max_length)
         require_rows("sft", rows, "examples that fit sft.max_length", "raise sft.max_length or data.sft.num_examples")
         raise_if_issues("sft", lint_sft(tokenizer, rows))
-        ctx.notes.update(examples=len(rows), dropped_too_long=dropped, chat_template_sha256=chat_template_sha256(tokenizer),
-                         loss_tokens=sum(sum(r["completion_mask"]) for r in rows))
+        ctx.notes.update(
+            examples=len(rows),
+            dropped_too_long=dropped,
+            chat_template_sha256=chat_template_sha256(tokenizer),
+            loss_tokens=sum(sum(r["completion_mask"]) for r in rows),
+        )
         ctx.log(f"[sft] {len(rows)} GSM8K examples ({dropped} longer than {spec.sft.max_length} tokens dropped)")
-        dataset = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
+        dataset = Dataset.from_list(
+            [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows]
+        )
         model = AutoModelForCausalLM.from_pretrained(base / MODEL_DIR, dtype=torch_dtype(ctx))
         recorder = LogRecorder(ctx.out / TRAIN_LOG)
         args = SFTConfig(**trainer_args(ctx, "sft"), completion_only_loss=True, packing=False)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[recorder])
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[recorder]
+        )
         timed_train(ctx, trainer)
         save_model(trainer.model, tokenizer, ctx.out / MODEL_DIR)
         save_curves(ctx, recorder.rows, CURVES, f"SFT ({spec.name})")
