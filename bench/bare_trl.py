@@ -30,8 +30,10 @@ from nemo_rlhf.spec.loader import load_spec
 
 
 def common(spec, out: Path) -> dict:
+    # bf16 must be explicit: TRL's configs default to bf16 mixed precision, which on this
+    # CPU (avx512_bf16) is ~1.5x faster than the fp32 our recipe asks for.
     return dict(output_dir=str(out), report_to="none", save_strategy="no", seed=spec.seed, data_seed=spec.seed,
-                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+                use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, bf16=spec.model.dtype == "bfloat16")
 
 
 def sft(spec, run: Path, rows: list[dict], out: Path) -> float:

@@ -180,16 +180,21 @@ def build_sft_rows(tokenizer, problems: Iterable[MathProblem], max_length: int) 
 
 
 def build_preference_rows(
-    tokenizer, pairs: Iterable[PreferencePair], max_length: int
+    tokenizer, pairs: Iterable[PreferencePair], max_length: int, limit: int | None = None
 ) -> tuple[list[dict], int]:
     """Reward-model rows for preference pairs.
 
+    Args:
+        limit: stop once this many rows are built (None: all pairs).
+
     Returns:
         `(rows, dropped)`: rows also carry `source_line`; `dropped` counts pairs with a
-        side longer than `max_length`.
+        side longer than `max_length` among those looked at.
     """
     rows, dropped = [], 0
     for pair in pairs:
+        if limit is not None and len(rows) >= limit:
+            break
         row = preference_example(tokenizer, pair.prompt, pair.chosen, pair.rejected, max_length)
         if row is None:
             dropped += 1

@@ -8,6 +8,7 @@ format the RM was trained on.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -69,8 +70,9 @@ class RewardModelStage:
         rows, dropped = build_preference_rows(
             tokenizer, data_plan.rm_train_pairs(spec, ctx.data_root), spec.rm.max_length
         )
-        heldout, heldout_dropped = build_preference_rows(tokenizer, split.heldout, spec.rm.max_length)
-        heldout = heldout[: spec.rm.eval_pairs or len(heldout)]
+        heldout, heldout_dropped = build_preference_rows(
+            tokenizer, split.heldout, spec.rm.max_length, limit=spec.rm.eval_pairs or None
+        )
         require_rows("rm", rows, "pairs that fit rm.max_length", "raise rm.max_length or data.preference.num_examples")
         raise_if_issues("rm", lint_preference(tokenizer, rows))
         ctx.notes.update(
@@ -92,7 +94,9 @@ class RewardModelStage:
             model=model, args=args, train_dataset=_pairs_dataset(rows), processing_class=tokenizer, callbacks=[recorder]
         )
         timed_train(ctx, trainer)
+        start = time.monotonic()
         trainer.evaluate(_pairs_dataset(heldout))
+        ctx.notes["heldout_eval_seconds"] = round(time.monotonic() - start, 3)
         save_model(trainer.model, tokenizer, ctx.out / MODEL_DIR)
         save_curves(ctx, recorder.rows, CURVES, f"Reward model ({spec.name})")
         metrics = final_metrics(recorder.rows, ["loss", "accuracy", "margin", "train_loss", "train_runtime"])
