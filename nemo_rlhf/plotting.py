@@ -53,7 +53,11 @@ def plot_eval_summary(results: dict[str, dict], metrics: list[str], out: Path, t
     names = list(results)
     for ax, metric in zip(axes.flat, metrics):
         values = [results[n].get(metric) for n in names]
-        ax.bar(names, [v if _finite(v) else 0.0 for v in values], color=["#888", "#4a7", "#c63", "#47c"][: len(names)])
+        bars = ax.bar(
+            names, [v if _finite(v) else 0.0 for v in values], color=["#888", "#4a7", "#c63", "#47c"][: len(names)]
+        )
+        ax.bar_label(bars, labels=[f"{v:.3g}" if _finite(v) else "n/a" for v in values], fontsize="small")
+        ax.axhline(0, color="black", linewidth=0.5)
         ax.set_title(metric, fontsize="small")
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title)
