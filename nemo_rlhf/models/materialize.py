@@ -69,7 +69,7 @@ def _say(progress: bool, message: str) -> None:
 
 
 @contextlib.contextmanager
-def _hf_progress_bars(enabled: bool) -> Iterator[None]:
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
     """Turns transformers' own tqdm bars on or off for the block, then restores the setting."""
     from transformers.utils import logging as hf_logging
 
@@ -320,7 +320,7 @@ def materialize_named(name: str, out_dir: Path, progress: bool = True, overwrite
     if importlib.util.find_spec("gguf") is None:
         raise UserError("reading GGUF files needs the `gguf` package", fix=registry.get_model(name).install_hint)
     start = time.monotonic()
-    with _hf_progress_bars(progress), atomic_dir(out_dir, overwrite) as tmp:
+    with hf_progress_bars(progress), atomic_dir(out_dir, overwrite) as tmp:
         _say(progress, f"loading and dequantizing {gguf_path.name} (about 20 s on 2 cores)")
         tokenizer, model = _load_gguf(gguf_path)
         _say(progress, f"saving fp32 weights and tokenizer to {out_dir}")
@@ -440,7 +440,7 @@ def build_random_model(cfg: RandomModelConfig, tokenizer_file: Path, chat_templa
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).eval()
-    with _hf_progress_bars(False), atomic_dir(out_dir, overwrite) as tmp:  # ~1 s: no bars
+    with hf_progress_bars(False), atomic_dir(out_dir, overwrite) as tmp:  # ~1 s: no bars
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         make_portable(tmp)

@@ -1,0 +1,231 @@
+"""The split/merge math between Hugging Face tensors and Megatron tensors, written once.
+
+Every weight of every family is converted by one of a handful of *kinds*. A kind knows
+three things:
+
+* `to_megatron`: the HF tensor(s) of one layer -> the Megatron tensor of that layer, in the
+  global (TP=1) layout a Megatron distributed checkpoint stores;
+* `to_hf`: the inverse (the same table read backwards on export);
+* `shard`: the piece of the global tensor that tensor-parallel rank `r` of `tp` holds, which
+  is what megatron-core's own loader puts into each rank (used to check our layout and to
+  explain TP errors before any process starts).
+
+The kinds:
+
+| kind | HF tensors | TP split |
+|---|---|---|
+| replicated | 1 | none (norms, biases of row-parallel layers) |
+| column | 1 | dim 0 in equal blocks |
+| row | 1 | dim 1 in equal blocks |
+| vocab | 1 | dim 0 after padding to the padded vocabulary (padding rows are zeros) |
+| qkv | q, k, v | dim 0 by whole query groups |
+| gated_mlp | gate, up | rank r holds cat(gate_r, up_r) |
+
+Megatron's fused QKV layout (`linear_qkv`): for each query group g, its nh/ng query heads,
+then k_g, then v_g, each head `head_dim` rows. A plain cat(Q, K, V) is wrong (and the tests
+prove the certificate catches it). `linear_fc1` of a gated MLP is cat(gate, up) globally; under
+TP rank r holds cat(gate_r, up_r), not a contiguous chunk of the global tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from nemo_rlhf.errors import UserError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The model sizes the kinds need.
+
+    Attributes:
+        num_heads: Attention (query) heads.
+        num_query_groups: Key/value heads (query groups); equals num_heads without GQA.
+        head_dim: Size of one head (kv_channels).
+        vocab_size: Rows of the HF embedding / output layer.
+        padded_vocab_size: Rows stored in the Megatron checkpoint (>= vocab_size).
+    """
+
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_query_groups
+
+
+def _split_evenly(size: int, parts: int, what: str, fix: str) -> int:
+    """Block size of `size` split into `parts`; a UserError naming the fix when it does not divide."""
+    if parts < 1 or size % parts:
+        raise UserError(f"Cannot evenly split {what} size {size} across {parts} TP ranks", fix=fix)
+    return size // parts
+
+
+class Kind:
+    """Base of the mapping kinds: one HF tensor, unchanged, replicated under TP."""
+
+    name = "replicated"
+    num_hf = 1  # how many HF tensors make one Megatron tensor
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], geo: Geometry) -> torch.Tensor:
+        return hf[0]
+
+    def to_hf(self, tensor: torch.Tensor, geo: Geometry) -> list[torch.Tensor]:
+        return [tensor]
+
+    def megatron_shape(self, hf_shapes: Sequence[tuple[int, ...]], geo: Geometry) -> tuple[int, ...]:
+        """Global Megatron shape from the HF shapes, without touching data (for planning)."""
+        return tuple(hf_shapes[0])
+
+    def shard(self, tensor: torch.Tensor, rank: int, tp: int, geo: Geometry) -> torch.Tensor:
+        return tensor
+
+
+class Column(Kind):
+    """Column-parallel linear: output features (dim 0) split in equal blocks."""
+
+    name = "column"
+
+    def shard(self, tensor, rank, tp, geo):
+        block = _split_evenly(tensor.shape[0], tp, "dimension 0", "choose a TP size that divides it")
+        return tensor[rank * block:(rank + 1) * block]
+
+
+class Row(Kind):
+    """Row-parallel linear: input features (dim 1) split in equal blocks."""
+
+    name = "row"
+
+    def shard(self, tensor, rank, tp, geo):
+        block = _split_evenly(tensor.shape[1], tp, "dimension 1", "choose a TP size that divides it")
+        return tensor[:, rank * block:(rank + 1) * block]
+
+
+class Vocab(Column):
+    """Embedding or output layer: rows padded with zeros to the padded vocabulary, split on dim 0.
+
+    Padding rows belong to no token; export drops them, so HF -> NeMo -> HF is exact.
+    """
+
+    name = "vocab"
+
+    def to_megatron(self, hf, geo):
+        weight = hf[0]
+        if weight.shape[0] != geo.vocab_size:
+            raise UserError(f"embedding has {weight.shape[0]} rows but the config says vocab_size={geo.vocab_size}",
+                            fix="use a checkpoint whose config.json matches its weights")
+        extra = geo.padded_vocab_size - geo.vocab_size
+        if extra == 0:
+            return weight
+        return torch.cat([weight, weight.new_zeros((extra, *weight.shape[1:]))])
+
+    def to_hf(self, tensor, geo):
+        if tensor.shape[0] < geo.vocab_size:
+            raise UserError(f"checkpoint embedding has {tensor.shape[0]} rows, fewer than the vocabulary "
+                            f"({geo.vocab_size})", fix="check override_vocab_size in model_config.yaml")
+        return [tensor[:geo.vocab_size]]
+
+    def megatron_shape(self, hf_shapes, geo):
+        return (geo.padded_vocab_size, *hf_shapes[0][1:])
+
+    def shard(self, tensor, rank, tp, geo):
+        block = _split_evenly(tensor.shape[0], tp, "vocabulary (dimension 0)",
+                              "pad the vocabulary to a multiple of the TP size (override_vocab_size)")
+        return tensor[rank * block:(rank + 1) * block]
+
+
+class Qkv(Kind):
+    """Separate q, k, v projections <-> Megatron's fused, per-query-group interleaved linear_qkv.
+
+    Works for weights [rows, hidden] and biases [rows] alike (trailing dims are carried along).
+    """
+
+    name = "qkv"
+    num_hf = 3
+
+    def to_megatron(self, hf, geo):
+        q, k, v = hf
+        ng, hpg, d = geo.num_query_groups, geo.heads_per_group, geo.head_dim
+        rest = q.shape[1:]
+        self._check(q, k, v, geo)
+        q = q.reshape(ng, hpg, d, *rest)
+        k = k.reshape(ng, 1, d, *rest)
+        v = v.reshape(ng, 1, d, *rest)
+        return torch.cat([q, k, v], dim=1).reshape(ng * (hpg + 2) * d, *rest)
+
+    def to_hf(self, tensor, geo):
+        ng, hpg, d = geo.num_query_groups, geo.heads_per_group, geo.head_dim
+        rest = tensor.shape[1:]
+        expected = ng * (hpg + 2) * d
+        if tensor.shape[0] != expected:
+            raise UserError(f"linear_qkv has {tensor.shape[0]} rows, expected {expected} for {geo.num_heads} heads, "
+                            f"{ng} query groups, head size {d}", fix="check the .nemo's model_config.yaml")
+        grouped = tensor.reshape(ng, hpg + 2, d, *rest)
+        q = grouped[:, :hpg].reshape(ng * hpg * d, *rest)
+        k = grouped[:, hpg].reshape(ng * d, *rest)
+        v = grouped[:, hpg + 1].reshape(ng * d, *rest)
+        return [q.contiguous(), k.contiguous(), v.contiguous()]
+
+    def megatron_shape(self, hf_shapes, geo):
+        q, k, v = hf_shapes
+        return (q[0] + k[0] + v[0], *q[1:])
+
+    def shard(self, tensor, rank, tp, geo):
+        groups = _split_evenly(geo.num_query_groups, tp, "query groups",
+                               f"choose a TP size that divides num_query_groups={geo.num_query_groups}")
+        rows = groups * (geo.heads_per_group + 2) * geo.head_dim
+        return tensor[rank * rows:(rank + 1) * rows]
+
+    @staticmethod
+    def _check(q, k, v, geo):
+        d = geo.head_dim
+        want = (geo.num_heads * d, geo.num_query_groups * d, geo.num_query_groups * d)
+        have = (q.shape[0], k.shape[0], v.shape[0])
+        if have != want:
+            raise UserError(f"q/k/v projections have {have} rows, expected {want} for {geo.num_heads} heads, "
+                            f"{geo.num_query_groups} key/value heads, head size {d}",
+                            fix="use a checkpoint whose config.json matches its weights")
+
+
+class GatedMlp(Kind):
+    """Separate gate and up projections <-> Megatron's linear_fc1 = cat(gate, up)."""
+
+    name = "gated_mlp"
+    num_hf = 2
+
+    def to_megatron(self, hf, geo):
+        gate, up = hf
+        if gate.shape != up.shape:
+            raise UserError(f"gate_proj {tuple(gate.shape)} and up_proj {tuple(up.shape)} differ in shape",
+                            fix="use a checkpoint whose config.json matches its weights")
+        return torch.cat([gate, up])
+
+    def to_hf(self, tensor, geo):
+        gate, up = tensor.chunk(2)
+        return [gate.contiguous(), up.contiguous()]
+
+    def megatron_shape(self, hf_shapes, geo):
+        return (hf_shapes[0][0] + hf_shapes[1][0], *hf_shapes[0][1:])
+
+    def shard(self, tensor, rank, tp, geo):
+        gate, up = tensor.chunk(2)
+        block = _split_evenly(gate.shape[0], tp, "MLP intermediate (ffn_hidden_size)",
+                              "choose a TP size that divides ffn_hidden_size")
+        part = slice(rank * block, (rank + 1) * block)
+        return torch.cat([gate[part], up[part]])
+
+
+REPLICATED = Kind()
+COLUMN = Column()
+ROW = Row()
+VOCAB = Vocab()
+QKV = Qkv()
+GATED_MLP = GatedMlp()
+
+KINDS = {kind.name: kind for kind in (REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_MLP)}

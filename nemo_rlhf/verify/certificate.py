@@ -1,0 +1,187 @@
+"""The conversion certificate: megatron-core's reading of a .nemo against HF transformers, on real prompts.
+
+1. The layout is checked before any process starts (TP must divide heads, query groups, the
+   MLP and the vocabulary; PP must divide the layers): torchrun would turn our exit code 2
+   into 1, and a user error deserves its own message.
+2. The prompts (GSM8K questions) are tokenized with the HF tokenizer; HF transformers gives
+   the reference logits in this process.
+3. `torchrun` starts TP*PP gloo processes (`megatron_worker`), in which megatron-core builds
+   its GPTModel from model_config.yaml and loads the weights with its own dist_checkpointing.
+4. Logits are compared on every real (unpadded) position over the HF vocabulary: max and mean
+   |difference|, mean KL(HF || NeMo), greedy next-token agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nemo_rlhf.convert import model_config, nemo_archive
+from nemo_rlhf.errors import UserError
+from nemo_rlhf.models.materialize import check_hf_dir, hf_progress_bars
+from nemo_rlhf.spec.paths import DATA_ROOT_ENV, data_root
+
+GSM8K_TEST = "gsm8k/test.jsonl"  # under the data root (spec.paths.data_root)
+FP32_TOLERANCE = 1e-4
+WORKER = "nemo_rlhf.verify.megatron_worker"
+
+
+@dataclass
+class Certificate:
+    """What the check measured, and whether it passed."""
+
+    tp: int
+    pp: int
+    passed: bool
+    max_abs_logit_diff: float | None = None
+    mean_abs_logit_diff: float | None = None
+    mean_kl: float | None = None
+    top1_agreement: float | None = None
+    num_prompts: int = 0
+    num_tokens: int = 0
+    tolerance: float = FP32_TOLERANCE
+    megatron_core: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_layout(cfg: dict, padded_vocab: int, tp: int, pp: int) -> None:
+    """Raises one UserError listing every reason the TP/PP layout cannot hold this model."""
+    if tp < 1 or pp < 1:
+        raise UserError(f"TP={tp}, PP={pp}: both must be >= 1", fix="pass --tp N --pp M with N, M >= 1")
+    heads = int(cfg["num_attention_heads"])
+    rules = [
+        ("num_attention_heads", heads, tp, "TP"),
+        ("num_query_groups", int(cfg.get("num_query_groups") or heads), tp, "TP"),
+        ("ffn_hidden_size", int(cfg["ffn_hidden_size"]), tp, "TP"),
+        ("padded vocabulary", padded_vocab, tp, "TP"),
+        ("num_layers", int(cfg["num_layers"]), pp, "PP"),
+    ]
+    problems = [f"{name}={value} is not divisible by {axis}={size}" for name, value, size, axis in rules
+                if value % size]
+    if problems:
+        tp_ok = [t for t in range(1, heads + 1) if all(v % t == 0 for n, v, _, a in rules if a == "TP")]
+        pp_ok = [p for p in range(1, int(cfg["num_layers"]) + 1) if int(cfg["num_layers"]) % p == 0]
+        raise UserError("; ".join(problems), where=f"--tp {tp} --pp {pp}",
+                        fix=f"TP sizes that fit this model: {tp_ok}; PP sizes: {pp_ok}")
+
+
+def prompt_tokens(tokenizer, num_prompts: int = 4, max_tokens: int = 48,
+                  source: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GSM8K questions as right-padded ids [B, S] and their real lengths [B]."""
+    source = source or data_root("auto") / GSM8K_TEST
+    if not source.is_file():
+        raise UserError(f"prompt file {source} not found", fix=f"put GSM8K's test.jsonl there or set {DATA_ROOT_ENV}")
+    with open(source, encoding="utf-8") as f:
+        questions = [json.loads(line)["question"] for _, line in zip(range(num_prompts), f)]
+    ids = [tokenizer(q, add_special_tokens=True)["input_ids"][:max_tokens] for q in questions]
+    seq = max(len(i) for i in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    tokens = torch.full((len(ids), seq), pad, dtype=torch.long)
+    for row, i in enumerate(ids):
+        tokens[row, :len(i)] = torch.tensor(i)
+    return tokens, torch.tensor([len(i) for i in ids])
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reference logits [B, S, V_hf] from HF transformers in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    with hf_progress_bars(False):
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=mask).logits.float()
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor, lengths: torch.Tensor, tolerance: float) -> dict:
+    """Metrics over real positions; the candidate's extra (padded) vocabulary columns are left out."""
+    vocab = reference.shape[-1]
+    if candidate.shape[-1] < vocab:
+        raise RuntimeError(f"megatron produced {candidate.shape[-1]} vocabulary columns, HF {vocab}")
+    real = torch.arange(reference.shape[1])[None] < lengths[:, None]
+    # float64: the KL of two nearly equal distributions is below float32's resolution.
+    ref, cand = reference[real].double(), candidate[..., :vocab][real].double()
+    diff = (ref - cand).abs()
+    log_p, log_q = ref.log_softmax(-1), cand.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    agree = (ref.argmax(-1) == cand.argmax(-1)).float().mean().item()
+    max_diff = diff.max().item()
+    return {"max_abs_logit_diff": max_diff, "mean_abs_logit_diff": diff.mean().item(),
+            "mean_kl": kl.mean().item(), "top1_agreement": agree, "num_tokens": int(real.sum()),
+            "passed": bool(max_diff <= tolerance and agree == 1.0)}
+
+
+def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, pp: int,
+                 timeout: int = 900, dump_dir: Path | None = None) -> tuple[torch.Tensor | None, str]:
+    """Runs the worker under torchrun; returns (logits or None, the tail of its output).
+
+    `dump_dir` also gets each rank's loaded parameters (rank<N>.safetensors), for layout tests.
+    """
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory(prefix="nemo-rlhf-verify-") as tmp:
+        save_file({"input_ids": tokens.contiguous()}, f"{tmp}/tokens.safetensors")
+        out = Path(tmp) / "logits.safetensors"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
+               "-m", WORKER, "--config", str(folder / nemo_archive.CONFIG_NAME),
+               "--weights", str(folder / nemo_archive.WEIGHTS_DIR), "--tokens", f"{tmp}/tokens.safetensors",
+               "--out", str(out), "--tp", str(tp), "--pp", str(pp), "--vocab", str(padded_vocab)]
+        if dump_dir is not None:
+            cmd += ["--dump-dir", str(dump_dir)]
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        errors = sorted(Path(tmp).glob("logits.safetensors.rank*.error"))
+        tail = errors[0].read_text(encoding="utf-8") if errors else (proc.stdout + proc.stderr)[-3000:]
+        if proc.returncode != 0 or not out.is_file():
+            return None, tail
+        return load_file(str(out))["logits"], tail
+
+
+def _megatron_version() -> str:
+    from importlib.metadata import version
+
+    return version("megatron-core")
+
+
+def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1,
+                      tolerance: float = FP32_TOLERANCE, num_prompts: int = 4) -> Certificate:
+    """Checks that megatron-core reads `nemo_path` as the same model as `hf_dir`, at TP x PP.
+
+    Returns:
+        The certificate; `passed` is False (with `error`) when megatron could not load or run it.
+
+    Raises:
+        UserError: Bad paths or a TP/PP layout the model cannot have (before any process starts).
+    """
+    from transformers import AutoTokenizer
+
+    hf_dir = check_hf_dir(hf_dir)
+    # Layout first, from the config alone: a wrong --tp fails in a second, not after unpacking.
+    cfg = model_config.parse_model_config(nemo_archive.read_config_text(nemo_path), str(nemo_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
+    _, padded = model_config.vocab_sizes(cfg, len(tokenizer), tp)
+    check_layout(cfg, padded, tp, pp)
+    tokens, lengths = prompt_tokens(tokenizer, num_prompts)
+    with nemo_archive.open_nemo(nemo_path) as folder:
+        reference = hf_logits(hf_dir, tokens, lengths)
+        logits, tail = run_megatron(folder, tokens, padded, tp, pp)
+    cert = Certificate(tp=tp, pp=pp, passed=False, num_prompts=len(tokens), tolerance=tolerance,
+                       megatron_core=_megatron_version())
+    if logits is None:
+        cert.error = f"megatron-core could not load or run the checkpoint:\n{tail}"
+        return cert
+    for key, value in compare(reference, logits, lengths, tolerance).items():
+        setattr(cert, key, value)
+    return cert

@@ -1,0 +1,122 @@
+"""One rank of the conversion certificate: megatron-core loads the .nemo weights and runs the prompts.
+
+Launched by `certificate.run_megatron` as
+`torchrun --standalone --nproc-per-node TP*PP -m nemo_rlhf.verify.megatron_worker ...` (gloo, CPU).
+Everything that touches the checkpoint is megatron-core's own code: the model is its GPTModel
+(local spec) and the weights come through its `dist_checkpointing.load` into the model's
+`sharded_state_dict(prefix="model.")`, then a strict `load_state_dict`, the same path NeMo
+takes. Logits come from its pipeline schedule with full-vocabulary gathering; the last stage's
+first TP rank writes them to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import yaml
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="model_config.yaml")
+    parser.add_argument("--weights", required=True, help="model_weights/ directory (torch_dist)")
+    parser.add_argument("--tokens", required=True, help="safetensors with input_ids [B, S]")
+    parser.add_argument("--out", required=True, help="safetensors to write logits [B, S, V] to")
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, required=True)
+    parser.add_argument("--vocab", type=int, required=True, help="padded vocabulary size of the model")
+    parser.add_argument("--dump-dir", default=None,
+                        help="also save each rank's loaded parameters as rank<N>.safetensors (layout checks)")
+    return parser.parse_args(argv)
+
+
+def _load_weights(model, weights_dir: str) -> None:
+    """megatron-core's own distributed load, then a strict module load (as NeMo does)."""
+    from megatron.core import dist_checkpointing
+
+    sharded = model.sharded_state_dict(prefix="model.")
+    state = dist_checkpointing.load(sharded, weights_dir, strict="raise_unexpected")
+    state = {k[len("model."):]: v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
+def _dump_local(model, dump_dir: str) -> None:
+    """Saves this rank's parameters as megatron placed them (TP shard, stage-local layer numbers)."""
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    meta = {"tp_rank": str(parallel_state.get_tensor_model_parallel_rank()),
+            "pp_rank": str(parallel_state.get_pipeline_model_parallel_rank())}
+    save_file(tensors, os.path.join(dump_dir, f"rank{torch.distributed.get_rank()}.safetensors"), metadata=meta)
+
+
+def _forward(model, tokens: torch.Tensor):
+    """Forward-only pass through megatron's pipeline schedule; logits on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+
+    def step(data_iterator, module):
+        ids = next(data_iterator)
+        return module(ids, positions, mask, runtime_gather_output=True), None
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
+            seq_length=seq, micro_batch_size=batch, forward_only=True)
+    return outputs[0] if outputs else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    from megatron.core import parallel_state
+    from safetensors.torch import load_file, save_file
+
+    from nemo_rlhf.verify.megatron_cpu import apply_cpu_shims, build_gpt_model
+
+    apply_cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
+                                             pipeline_model_parallel_size=args.pp)
+    with open(args.config, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    model = build_gpt_model(cfg, args.vocab, args.tp, args.pp)
+    _load_weights(model, args.weights)
+    if args.dump_dir:
+        _dump_local(model, args.dump_dir)
+    tokens = load_file(args.tokens)["input_ids"]
+    logits = _forward(model, tokens)
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        save_file({"logits": logits.float().contiguous()}, args.out)
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def _main_reporting_errors() -> int:
+    """Runs `main`; on failure leaves the reason in <out>.rank<N>.error for the parent to report.
+
+    torchrun buries a worker's traceback in its own output; the parent wants one line.
+    """
+    try:
+        return main()
+    except Exception as exc:
+        out = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--out"), None)
+        if out:
+            rank = os.environ.get("RANK", "0")
+            with open(f"{out}.rank{rank}.error", "w", encoding="utf-8") as f:
+                f.write(f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(_main_reporting_errors())
