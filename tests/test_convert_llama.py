@@ -241,17 +241,17 @@ def test_certificate_uses_megatrons_strict_loader(hf_dir, tmp_path, monkeypatch)
     assert not cert.passed and "linear_qkv._extra_state" in cert.error
 
 
-def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nemo_rlhf", *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
 
 
 def test_cli_convert_and_verify_json(hf_dir, tmp_path):
     out = tmp_path / "cli.nemo"
-    proc = _cli("nemo_rlhf.cli.convert", "convert", "hf-to-nemo", "--hf", str(hf_dir), "--out", str(out),
+    proc = _cli("convert", "hf-to-nemo", "--hf", str(hf_dir), "--out", str(out),
                 "--layer-spec", "local")
     assert proc.returncode == 0, proc.stderr
-    proc = _cli("nemo_rlhf.cli.verify", "verify", "conversion", "--hf", str(hf_dir), "--nemo", str(out),
+    proc = _cli("verify", "conversion", "--hf", str(hf_dir), "--nemo", str(out),
                 "--tp", "2", "--pp", "2", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
@@ -261,7 +261,7 @@ def test_cli_convert_and_verify_json(hf_dir, tmp_path):
 @pytest.mark.parametrize("flags,message", [(("--tp", "3"), "num_attention_heads=4 is not divisible by TP=3"),
                                            (("--pp", "3"), "num_layers=4 is not divisible by PP=3")])
 def test_cli_refuses_impossible_layouts_with_exit_2(flags, message, hf_dir, nemo_file):
-    proc = _cli("nemo_rlhf.cli.verify", "verify", "conversion", "--hf", str(hf_dir), "--nemo", str(nemo_file),
+    proc = _cli("verify", "conversion", "--hf", str(hf_dir), "--nemo", str(nemo_file),
                 *flags)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 

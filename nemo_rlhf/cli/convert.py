@@ -10,7 +10,6 @@ and NeMo-Aligner accept both). Check a conversion with `nemo-rlhf verify convers
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -61,20 +60,3 @@ def cmd_nemo_to_hf(args: argparse.Namespace) -> int:
     print(nemo_to_hf(args.nemo, args.out, overwrite=args.overwrite))
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs this verb alone (`python -m nemo_rlhf.cli.convert convert ...`) until main.py registers it."""
-    from nemo_rlhf.errors import UserError
-
-    parser = argparse.ArgumentParser(prog="nemo-rlhf")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"error: {err.render()}", file=sys.stderr)
-        return err.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

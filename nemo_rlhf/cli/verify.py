@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -52,20 +51,3 @@ def cmd_conversion(args: argparse.Namespace) -> int:
                   f"of {cert.num_prompts} prompts")
     return 0 if cert.passed else 1
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs this verb alone (`python -m nemo_rlhf.cli.verify verify ...`) until main.py registers it."""
-    from nemo_rlhf.errors import UserError
-
-    parser = argparse.ArgumentParser(prog="nemo-rlhf")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as err:
-        print(f"error: {err.render()}", file=sys.stderr)
-        return err.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
