@@ -332,3 +332,18 @@ def test_export_of_a_trained_checkpoint_unties_and_drops_padding(hf_dir, tmp_pat
     config = json.loads((back / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["vocab_size"] == vocab
     assert torch.equal(out["lm_head.weight"], emb + 0.01) and torch.equal(out["model.embed_tokens.weight"], emb)
+
+
+def test_nemo_style_converter_scripts_round_trip(hf_dir, tmp_path):
+    """converters/ takes NeMo's own flags (--input_name_or_path, --output_path, --precision)."""
+    nemo = tmp_path / "scripted.nemo"
+    back = tmp_path / "back"
+    for script, args in (("convert_hf_to_nemo.py", ["--input_name_or_path", str(hf_dir), "--output_path", str(nemo),
+                                                     "--precision", "32"]),
+                         ("convert_nemo_to_hf.py", ["--input_name_or_path", str(nemo), "--output_path", str(back)])):
+        proc = subprocess.run([sys.executable, str(REPO / "converters" / script), *args], capture_output=True,
+                              text=True, cwd=REPO, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    original, restored = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
+    assert set(original) == set(restored)
+    assert all(torch.equal(original[k], restored[k]) for k in original)
