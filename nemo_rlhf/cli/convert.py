@@ -1,7 +1,10 @@
 """`nemo-rlhf convert`: HF checkpoints <-> NeMo 2.1 `.nemo` (Megatron distributed checkpoint inside).
 
-    nemo-rlhf convert hf-to-nemo --hf DIR --out PATH.nemo [--layer-spec te|local] [--dtype D]
+    nemo-rlhf convert hf-to-nemo --hf DIR --out PATH.nemo [--kind policy|reward] [--layer-spec te|local] [--dtype D]
     nemo-rlhf convert nemo-to-hf --nemo PATH.nemo --out DIR
+
+A `*ForSequenceClassification` checkpoint (num_labels=1) becomes a NeMo-Aligner reward-model
+.nemo (rm_head), and exports back to the same HF architecture; a `*ForCausalLM` is a policy.
 
 An --out ending in `.nemo` gets the tar form, anything else the extracted-directory form (NeMo
 and NeMo-Aligner accept both). Check a conversion with `nemo-rlhf verify conversion`.
@@ -21,10 +24,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = conv.add_subparsers(dest="convert_command", metavar="{hf-to-nemo,nemo-to-hf}", required=True)
 
-    h2n = sub.add_parser("hf-to-nemo", help="HF causal-LM directory -> .nemo for NeMo 2.1 / NeMo-Aligner 0.7.0.")
+    h2n = sub.add_parser("hf-to-nemo", help="HF causal LM or reward model -> .nemo for NeMo 2.1 / NeMo-Aligner 0.7.0.")
     h2n.add_argument("--hf", required=True, type=Path, help="HF directory (config.json, safetensors, tokenizer).")
     h2n.add_argument("--out", required=True, type=Path,
                      help="Output: PATH.nemo (tar) or a directory (extracted .nemo form).")
+    h2n.add_argument("--kind", choices=("policy", "reward"), default=None,
+                     help="Insist on a policy (*ForCausalLM) or reward model (*ForSequenceClassification); "
+                          "default: what config.json's architectures says.")
     h2n.add_argument("--layer-spec", choices=("te", "local"), default="te",
                      help="Megatron layer spec the config names: te (TransformerEngine, cluster default) or local.")
     h2n.add_argument("--dtype", choices=_DTYPES, default=None, help="Stored weight dtype (default: as the source).")
@@ -49,7 +55,7 @@ def cmd_hf_to_nemo(args: argparse.Namespace) -> int:
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = hf_to_nemo(args.hf, args.out, layer_spec=args.layer_spec, dtype=dtype,
-                     tokenizer_type=args.tokenizer_type, overwrite=args.overwrite)
+                     tokenizer_type=args.tokenizer_type, overwrite=args.overwrite, kind=args.kind)
     print(out)
     return 0
 

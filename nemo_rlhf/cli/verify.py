@@ -5,6 +5,8 @@
 megatron-core (CPU, gloo, TP x PP processes) loads the .nemo with its own distributed-checkpoint
 loader and runs GSM8K prompts; HF transformers runs the same tokens. Exit 0 when the logits
 agree within the tolerance and every greedy next token matches, 1 when not, 2 on bad input.
+A reward model (NeMo-Aligner .nemo vs HF *ForSequenceClassification) is compared on its
+rewards instead: max |reward difference| within the tolerance.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     conv.add_argument("--tp", type=int, default=1, help="Tensor-parallel size megatron loads it at.")
     conv.add_argument("--pp", type=int, default=1, help="Pipeline-parallel size megatron loads it at.")
     conv.add_argument("--tolerance", type=float, default=FP32_TOLERANCE,
-                      help=f"Largest allowed |logit difference| (default {FP32_TOLERANCE}, for fp32 weights).")
+                      help=f"Largest allowed |logit difference|, or |reward difference| for a reward model "
+                           f"(default {FP32_TOLERANCE}, for fp32 weights).")
     conv.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
     conv.set_defaults(func=cmd_conversion)
     return ver
@@ -44,6 +47,10 @@ def cmd_conversion(args: argparse.Namespace) -> int:
               f"{'PASSED' if cert.passed else 'FAILED'}")
         if cert.error:
             print(cert.error)
+        elif cert.kind == "reward":
+            print(f"  max |reward diff| {cert.max_abs_reward_diff:.3g} (tolerance {cert.tolerance:g}), "
+                  f"mean {cert.mean_abs_reward_diff:.3g} over {cert.num_prompts} prompts; "
+                  f"reward read at {cert.reward_position}")
         else:
             print(f"  max |logit diff| {cert.max_abs_logit_diff:.3g} (tolerance {cert.tolerance:g}), "
                   f"mean {cert.mean_abs_logit_diff:.3g}, mean KL(HF||NeMo) {cert.mean_kl:.3g}, "

@@ -1,4 +1,6 @@
-"""HF causal LM <-> .nemo (NeMo 2.1 megatron_gpt), both directions driven by the family's tables.
+"""HF causal LM or reward model <-> .nemo (NeMo 2.1 megatron_gpt / NeMo-Aligner 0.7.0 reward model).
+
+Both directions are driven by the family's tables (plus `reward_head`'s row for a reward model).
 
 HF -> NeMo reads the safetensors memory-mapped and produces each Megatron tensor (all layers
 of one weight, stacked) only when the checkpoint writer asks for it. NeMo -> HF reads one
@@ -9,6 +11,7 @@ does not know, or a source tensor left unused is an error, never a silent skip.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_rlhf.convert import dist_ckpt, model_config, nemo_archive
+from nemo_rlhf.convert import dist_ckpt, model_config, nemo_archive, reward_head
 from nemo_rlhf.convert.families import FamilySpec, WeightEntry, family_for_nemo, get_family
 from nemo_rlhf.convert.param_mapping import Geometry
 from nemo_rlhf.errors import UserError
@@ -69,9 +72,10 @@ class _Match:
     layer: int | None
 
 
-def _match_keys(family: FamilySpec, keys: list[str], num_layers: int, where: str) -> dict[str, _Match]:
+def _match_keys(family: FamilySpec, rows: tuple[WeightEntry, ...], keys: list[str], num_layers: int,
+                where: str) -> dict[str, _Match]:
     """Assigns every HF tensor to a table row; lists every unmapped or out-of-range name at once."""
-    compiled = [(entry, rx) for entry in family.weights for rx in entry.regexes()]
+    compiled = [(entry, rx) for entry in rows for rx in entry.regexes()]
     matched, unknown, bad_layer = {}, [], []
     for key in keys:
         hit = next(((e, m) for e, rx in compiled if (m := rx.match(key))), None)
@@ -100,11 +104,11 @@ def _sources(entry: WeightEntry, layer: int | None, weights: _HfWeights, tied: b
     return names
 
 
-def _plan_tensors(family: FamilySpec, weights: _HfWeights, geo: Geometry, num_layers: int, tied: bool,
-                  dtype: torch.dtype, where: str) -> dict[str, dist_ckpt.LazyTensor]:
+def _plan_tensors(family: FamilySpec, rows: tuple[WeightEntry, ...], weights: _HfWeights, geo: Geometry,
+                  num_layers: int, tied: bool, dtype: torch.dtype, where: str) -> dict[str, dist_ckpt.LazyTensor]:
     """Megatron key -> lazily built global tensor, for every mapped row of the table."""
     plan, missing = {}, []
-    for entry in family.weights:
+    for entry in rows:
         if entry.megatron is None:
             continue
         layers = list(range(num_layers)) if entry.stacked else [None]
@@ -139,9 +143,20 @@ def _extra_state_keys(family: FamilySpec, num_layers: int) -> list[str]:
     return keys
 
 
+def _add_reward_head(plan: dict[str, dist_ckpt.LazyTensor], hf_cfg: dict, where: str) -> None:
+    """The rm_head tensors NeMo-Aligner loads: score.weight in the head dtype, and a zero bias."""
+    key = PREFIX + reward_head.SCORE.megatron
+    reward_head.check_num_labels(hf_cfg, plan[key].shape, where)
+    plan[key] = dataclasses.replace(plan[key], dtype=reward_head.HEAD_DTYPE)
+    plan[reward_head.BIAS_KEY] = dist_ckpt.LazyTensor((1,), reward_head.HEAD_DTYPE, reward_head.zero_bias)
+
+
 def hf_to_nemo(hf_dir: Path, out_path: Path, layer_spec: str = "te", dtype: torch.dtype | None = None,
-               tokenizer_type: str | None = None, overwrite: bool = False) -> Path:
-    """Converts an HF causal-LM directory into a .nemo (tar if `out_path` ends in .nemo, else a directory).
+               tokenizer_type: str | None = None, overwrite: bool = False, kind: str | None = None) -> Path:
+    """Converts an HF causal LM or reward model into a .nemo (tar if `out_path` ends in .nemo, else a directory).
+
+    The kind comes from config.json's architecture: `*ForCausalLM` gives a policy .nemo,
+    `*ForSequenceClassification` (one label) a NeMo-Aligner reward-model .nemo.
 
     Args:
         hf_dir: Directory written by save_pretrained (config.json, safetensors, tokenizer).
@@ -151,6 +166,8 @@ def hf_to_nemo(hf_dir: Path, out_path: Path, layer_spec: str = "te", dtype: torc
         tokenizer_type: `tokenizer.type` for NeMo (hub id or directory on the cluster); None
             writes the absolute `hf_dir`, as NeMo's own converter does.
         overwrite: Replace an existing output.
+        kind: "policy" or "reward" to insist on one (an error if config.json says otherwise);
+            None takes what config.json says.
 
     Returns:
         The absolute output path.
@@ -158,17 +175,24 @@ def hf_to_nemo(hf_dir: Path, out_path: Path, layer_spec: str = "te", dtype: torc
     hf_dir = check_hf_dir(hf_dir)
     where = str(hf_dir / "config.json")
     hf_cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    family = get_family((hf_cfg.get("architectures") or ["<none>"])[0], where)
+    architecture, detected = reward_head.split_architecture((hf_cfg.get("architectures") or ["<none>"])[0])
+    kind = reward_head.check_kind(detected, kind, where)
+    family = get_family(architecture, where)
     family.check_hf_config(hf_cfg, where)
+    rows = reward_head.weight_rows(family.weights, kind)
     weights = _HfWeights(hf_dir)
     geo = model_config.geometry_from_hf(family, hf_cfg)
     num_layers = int(hf_cfg["num_hidden_layers"])
-    matched = _match_keys(family, weights.keys(), num_layers, str(hf_dir))
+    matched = _match_keys(family, rows, weights.keys(), num_layers, str(hf_dir))
     dtype = dtype or weights.dtype(family.weights[0].hf[0])
-    tied = bool(hf_cfg.get("tie_word_embeddings", False))
-    plan = _plan_tensors(family, weights, geo, num_layers, tied, dtype, str(hf_dir))
+    # A reward model has no lm_head, tied or not; Aligner still requests an output layer.
+    tied = kind == reward_head.REWARD or bool(hf_cfg.get("tie_word_embeddings", False))
+    plan = _plan_tensors(family, rows, weights, geo, num_layers, tied, dtype, str(hf_dir))
     cfg = model_config.build_model_config(family, hf_cfg, layer_spec=layer_spec, dtype=dtype,
                                           tokenizer_type=tokenizer_type or str(hf_dir))
+    if kind == reward_head.REWARD:
+        _add_reward_head(plan, hf_cfg, where)
+        cfg.update(reward_head.NEMO_CONFIG, target=reward_head.NEMO_TARGET)
     with nemo_archive.atomic_output(out_path, overwrite) as staging:
         (staging / nemo_archive.CONFIG_NAME).write_text(model_config.dump_model_config(cfg), encoding="utf-8")
         dist_ckpt.write_dist_checkpoint(staging / nemo_archive.WEIGHTS_DIR, plan,
@@ -196,12 +220,16 @@ def _is_ignorable(key: str) -> bool:
     return key.endswith("._extra_state") or "_extra_state/" in key or key.endswith("rotary_pos_emb.inv_freq")
 
 
-def _hf_tensors_from(family: FamilySpec, weights_dir: Path, geo: Geometry, num_layers: int,
-                     where: str) -> dict[str, torch.Tensor]:
-    """Reads each Megatron tensor once and splits it into HF tensors through the table backwards."""
+def _hf_tensors_from(family: FamilySpec, table: tuple[WeightEntry, ...], weights_dir: Path, geo: Geometry,
+                     num_layers: int, where: str, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Reads each Megatron tensor once and splits it into HF tensors through the table backwards.
+
+    `skip` holds checkpoint keys that are known but have no HF counterpart (a reward model's
+    output layer and rm_head bias); they are neither exported nor reported as unknown.
+    """
     shapes = dist_ckpt.tensor_shapes(weights_dir)
-    rows = {PREFIX + e.megatron: e for e in family.weights if e.megatron is not None}
-    unknown = [k for k in shapes if k not in rows and not _is_ignorable(k)]
+    rows = {PREFIX + e.megatron: e for e in table if e.megatron is not None and PREFIX + e.megatron not in skip}
+    unknown = [k for k in shapes if k not in rows and k not in skip and not _is_ignorable(k)]
     if unknown:
         raise UserError(f"{len(unknown)} checkpoint tensors are not in the {family.name} table: {unknown[:8]}",
                         where=where, fix="this .nemo holds parts the exporter does not know (e.g. a reward head)")
@@ -265,19 +293,28 @@ def nemo_to_hf(nemo_path: Path, out_dir: Path, overwrite: bool = False) -> Path:
         cfg = model_config.load_model_config(folder / nemo_archive.CONFIG_NAME)
         assets = folder / nemo_archive.HF_ASSETS
         base = json.loads((assets / "config.json").read_text()) if (assets / "config.json").is_file() else {}
-        family = get_family(base["architectures"][0], where) if base.get("architectures") \
-            else family_for_nemo(cfg, where)
+        kind = reward_head.kind_of_nemo(cfg)
+        family = get_family(reward_head.split_architecture(base["architectures"][0])[0], where) \
+            if base.get("architectures") else family_for_nemo(cfg, where)
         vocab, padded = model_config.vocab_sizes(cfg, None if cfg.get("override_vocab_size") else
                                                  _tokenizer_len(assets))
         geo = model_config.geometry(cfg, vocab, padded)
         weights_dir = folder / nemo_archive.WEIGHTS_DIR
         dist_ckpt.check_dist_checkpoint(weights_dir)
-        tensors = _hf_tensors_from(family, weights_dir, geo, int(cfg["num_layers"]), where)
-        hf_cfg = {"architectures": [family.name], "model_type": family.model_type, **base}
+        if kind == reward_head.REWARD:  # before reading the weights: fail fast, write nothing
+            reward_head.check_exportable_bias(dist_ckpt.read_tensor(weights_dir, reward_head.BIAS_KEY), where)
+        table, skip = reward_head.export_rows(family.weights, kind, PREFIX)
+        tensors = _hf_tensors_from(family, table, weights_dir, geo, int(cfg["num_layers"]), where, skip)
+        hf_cfg = {"model_type": family.model_type, **base,
+                  "architectures": [reward_head.hf_architecture(family.name, kind)]}
         hf_cfg.update(model_config.hf_config_updates(family, cfg))
         hf_cfg["vocab_size"] = vocab
-        hf_cfg["dtype"] = hf_cfg["torch_dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-        _tie_or_untie(family, tensors, hf_cfg)
+        dtype = tensors[family.weights[0].hf[0]].dtype  # the embedding's: the model's own dtype
+        hf_cfg["dtype"] = hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        if kind == reward_head.REWARD:
+            reward_head.finish_hf(tensors, hf_cfg, dtype)
+        else:
+            _tie_or_untie(family, tensors, hf_cfg)
         with atomic_dir(Path(out_dir), overwrite) as tmp:
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             if assets.is_dir():

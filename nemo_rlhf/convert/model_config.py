@@ -1,8 +1,9 @@
 """model_config.yaml for NeMo 2.1's megatron_gpt models, built from and read back into HF configs.
 
 Like NeMo's own HF converters, a config starts from the complete `model:` section of the
-family's reference yaml (NeMo v2.1.0's megatron_llama_config.yaml, shipped in
-`reference/` under Apache-2.0), so it carries every key NeMo 2.1 and NeMo-Aligner 0.7.0 read.
+family's reference yaml (NeMo v2.1.0's megatron_llama_config.yaml or megatron_qwen2_config.yaml,
+shipped in `reference/` under Apache-2.0), so it carries every key NeMo 2.1 and NeMo-Aligner
+0.7.0 read. A reward model adds reward_head.NEMO_CONFIG (NeMo-Aligner's training_rm.yaml keys).
 The family's field table then sets the architecture, and a few settings are fixed on purpose:
 
 * `mcore_gpt: True`, `transformer_engine: True` (or False for `--layer-spec local`);

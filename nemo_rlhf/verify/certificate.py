@@ -9,6 +9,12 @@
    its GPTModel from model_config.yaml and loads the weights with its own dist_checkpointing.
 4. Logits are compared on every real (unpadded) position over the HF vocabulary: max and mean
    |difference|, mean KL(HF || NeMo), greedy next-token agreement.
+
+A reward model (model_config.yaml with `reward_model_type`) is compared on its rewards
+instead: HF's `*ForSequenceClassification` against megatron-core's GPTModel with NeMo-Aligner's
+rm_head, one reward per prompt. Aligner reads the reward at position lengths-1 (right
+padding); HF reads the rightmost token that is not `pad_token_id`. The prompts are right-padded
+with that pad id and contain no pad token themselves (checked), so both read the same position.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_rlhf.convert import model_config, nemo_archive
+from nemo_rlhf.convert import model_config, nemo_archive, reward_head
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.models.materialize import check_hf_dir, hf_progress_bars
 from nemo_rlhf.spec.paths import DATA_ROOT_ENV, data_root
@@ -49,13 +55,24 @@ class Certificate:
     tolerance: float = FP32_TOLERANCE
     megatron_core: str = ""
     error: str | None = None
+    kind: str = reward_head.POLICY
+    max_abs_reward_diff: float | None = None
+    mean_abs_reward_diff: float | None = None
+    reward_position: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def check_layout(cfg: dict, padded_vocab: int, tp: int, pp: int) -> None:
-    """Raises one UserError listing every reason the TP/PP layout cannot hold this model."""
+REWARD_POSITION = ("lengths-1 (NeMo-Aligner, right padding) = HF's last token that is not pad_token_id "
+                   "(the prompts contain no pad token)")
+
+
+def check_layout(cfg: dict, padded_vocab: int, tp: int, pp: int, reward: bool = False) -> None:
+    """Raises one UserError listing every reason the TP/PP layout cannot hold this model.
+
+    A reward model's head also splits the hidden size (its input features) across TP.
+    """
     if tp < 1 or pp < 1:
         raise UserError(f"TP={tp}, PP={pp}: both must be >= 1", fix="pass --tp N --pp M with N, M >= 1")
     heads = int(cfg["num_attention_heads"])
@@ -65,7 +82,7 @@ def check_layout(cfg: dict, padded_vocab: int, tp: int, pp: int) -> None:
         ("ffn_hidden_size", int(cfg["ffn_hidden_size"]), tp, "TP"),
         ("padded vocabulary", padded_vocab, tp, "TP"),
         ("num_layers", int(cfg["num_layers"]), pp, "PP"),
-    ]
+    ] + ([("hidden_size", int(cfg["hidden_size"]), tp, "TP")] if reward else [])
     problems = [f"{name}={value} is not divisible by {axis}={size}" for name, value, size, axis in rules
                 if value % size]
     if problems:
@@ -73,6 +90,11 @@ def check_layout(cfg: dict, padded_vocab: int, tp: int, pp: int) -> None:
         pp_ok = [p for p in range(1, int(cfg["num_layers"]) + 1) if int(cfg["num_layers"]) % p == 0]
         raise UserError("; ".join(problems), where=f"--tp {tp} --pp {pp}",
                         fix=f"TP sizes that fit this model: {tp_ok}; PP sizes: {pp_ok}")
+
+
+def pad_id(tokenizer) -> int:
+    """The id prompts are right-padded with: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
 
 
 def prompt_tokens(tokenizer, num_prompts: int = 4, max_tokens: int = 48,
@@ -85,7 +107,7 @@ def prompt_tokens(tokenizer, num_prompts: int = 4, max_tokens: int = 48,
         questions = [json.loads(line)["question"] for _, line in zip(range(num_prompts), f)]
     ids = [tokenizer(q, add_special_tokens=True)["input_ids"][:max_tokens] for q in questions]
     seq = max(len(i) for i in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    pad = pad_id(tokenizer)
     tokens = torch.full((len(ids), seq), pad, dtype=torch.long)
     for row, i in enumerate(ids):
         tokens[row, :len(i)] = torch.tensor(i)
@@ -101,6 +123,42 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> torc
     mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
     with torch.no_grad():
         return model(input_ids=tokens, attention_mask=mask).logits.float()
+
+
+def reward_tokens(tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Right-pads with HF's pad_token_id; refuses prompts that contain it (HF would read an earlier token)."""
+    real = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    if bool((tokens[real] == pad_id).any()):
+        raise UserError(f"a prompt contains the pad token (id {pad_id}): HF's classifier would read the reward "
+                        "before it, NeMo-Aligner at the prompt's end", fix="use prompts without the pad token")
+    return torch.where(real, tokens, torch.full_like(tokens, pad_id))
+
+
+def hf_rewards(hf_dir: Path, tokens: torch.Tensor, lengths: torch.Tensor,
+               default_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference rewards [B, A], the tokens as padded for them) from HF's *ForSequenceClassification in fp32.
+
+    `default_pad` stands in for a config without pad_token_id (HF refuses batches then).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    with hf_progress_bars(False):
+        model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = default_pad
+    tokens = reward_tokens(tokens, lengths, int(model.config.pad_token_id))
+    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        return model(input_ids=tokens, attention_mask=mask).logits.float(), tokens
+
+
+def compare_rewards(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) -> dict:
+    """Max and mean |reward difference| over the prompts."""
+    if reference.shape != candidate.shape:
+        raise RuntimeError(f"megatron produced rewards of shape {tuple(candidate.shape)}, HF {tuple(reference.shape)}")
+    diff = (reference.double() - candidate.double()).abs()
+    return {"max_abs_reward_diff": diff.max().item(), "mean_abs_reward_diff": diff.mean().item(),
+            "passed": bool(diff.max().item() <= tolerance), "reward_position": REWARD_POSITION}
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor, lengths: torch.Tensor, tolerance: float) -> dict:
@@ -122,15 +180,20 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, lengths: torch.Ten
 
 
 def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, pp: int,
-                 timeout: int = 900, dump_dir: Path | None = None) -> tuple[torch.Tensor | None, str]:
+                 timeout: int = 900, dump_dir: Path | None = None,
+                 lengths: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
     """Runs the worker under torchrun; returns (logits or None, the tail of its output).
 
+    With `lengths` the model is run as a reward model and the result is its rewards [B, A].
     `dump_dir` also gets each rank's loaded parameters (rank<N>.safetensors), for layout tests.
     """
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory(prefix="nemo-rlhf-verify-") as tmp:
-        save_file({"input_ids": tokens.contiguous()}, f"{tmp}/tokens.safetensors")
+        inputs = {"input_ids": tokens.contiguous()}
+        if lengths is not None:
+            inputs["lengths"] = lengths.contiguous()
+        save_file(inputs, f"{tmp}/tokens.safetensors")
         out = Path(tmp) / "logits.safetensors"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
                "-m", WORKER, "--config", str(folder / nemo_archive.CONFIG_NAME),
@@ -138,6 +201,8 @@ def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int,
                "--out", str(out), "--tp", str(tp), "--pp", str(pp), "--vocab", str(padded_vocab)]
         if dump_dir is not None:
             cmd += ["--dump-dir", str(dump_dir)]
+        if lengths is not None:
+            cmd.append("--reward")
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
@@ -146,7 +211,7 @@ def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int,
         tail = errors[0].read_text(encoding="utf-8") if errors else (proc.stdout + proc.stderr)[-3000:]
         if proc.returncode != 0 or not out.is_file():
             return None, tail
-        return load_file(str(out))["logits"], tail
+        return load_file(str(out))["rewards" if lengths is not None else "logits"], tail
 
 
 def _megatron_version() -> str:
@@ -172,16 +237,23 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1,
     cfg = model_config.parse_model_config(nemo_archive.read_config_text(nemo_path), str(nemo_path))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     _, padded = model_config.vocab_sizes(cfg, len(tokenizer), tp)
-    check_layout(cfg, padded, tp, pp)
+    kind = reward_head.kind_of_nemo(cfg)
+    check_layout(cfg, padded, tp, pp, reward=kind == reward_head.REWARD)
     tokens, lengths = prompt_tokens(tokenizer, num_prompts)
     with nemo_archive.open_nemo(nemo_path) as folder:
-        reference = hf_logits(hf_dir, tokens, lengths)
-        logits, tail = run_megatron(folder, tokens, padded, tp, pp)
+        if kind == reward_head.REWARD:
+            reference, tokens = hf_rewards(hf_dir, tokens, lengths, pad_id(tokenizer))
+            result, tail = run_megatron(folder, tokens, padded, tp, pp, lengths=lengths)
+        else:
+            reference = hf_logits(hf_dir, tokens, lengths)
+            result, tail = run_megatron(folder, tokens, padded, tp, pp)
     cert = Certificate(tp=tp, pp=pp, passed=False, num_prompts=len(tokens), tolerance=tolerance,
-                       megatron_core=_megatron_version())
-    if logits is None:
+                       megatron_core=_megatron_version(), kind=kind, num_tokens=int(lengths.sum()))
+    if result is None:
         cert.error = f"megatron-core could not load or run the checkpoint:\n{tail}"
         return cert
-    for key, value in compare(reference, logits, lengths, tolerance).items():
+    metrics = compare_rewards(reference, result, tolerance) if kind == reward_head.REWARD \
+        else compare(reference, result, lengths, tolerance)
+    for key, value in metrics.items():
         setattr(cert, key, value)
     return cert

@@ -158,3 +158,20 @@ def build_gpt_model(cfg: dict, padded_vocab_size: int, tp: int, pp: int):
         rotary_base=cfg.get("rotary_base", 10000), rope_scaling=bool(cfg.get("scale_positional_embedding", False)),
         seq_len_interpolation_factor=cfg.get("seq_len_interpolation_factor"),
     ).eval()
+
+
+def attach_reward_head(model, cfg: dict) -> None:
+    """NeMo-Aligner 0.7.0's reward head, built from megatron-core itself, on the last stage.
+
+    Aligner's `RewardModelHead` (gpt_reward_model.py) is an mcore RowParallelLinear from the
+    hidden size to `regression.num_attributes` outputs, with a bias, input not parallel (TP
+    splits the weight's dim 1 and all-reduces), bias added in place. Registered as the child
+    `rm_head`, its weight and bias enter `sharded_state_dict` as `model.rm_head.*`, where
+    Aligner's loader finds them.
+    """
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    attributes = int((cfg.get("regression") or {}).get("num_attributes", 1))
+    model.rm_head = RowParallelLinear(int(cfg["hidden_size"]), attributes, config=model.config,
+                                      init_method=torch.nn.init.zeros_, bias=True, input_is_parallel=False,
+                                      skip_bias_add=False)

@@ -7,6 +7,10 @@ Everything that touches the checkpoint is megatron-core's own code: the model is
 `sharded_state_dict(prefix="model.")`, then a strict `load_state_dict`, the same path NeMo
 takes. Logits come from its pipeline schedule with full-vocabulary gathering; the last stage's
 first TP rank writes them to --out.
+
+With --reward the model is a NeMo-Aligner reward model: the last stage also has Aligner's
+`rm_head` (see megatron_cpu.attach_reward_head), the forward skips the output layer as
+Aligner's does, and --out gets one reward per prompt, read at position lengths-1.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--pp", type=int, required=True)
     parser.add_argument("--vocab", type=int, required=True, help="padded vocabulary size of the model")
+    parser.add_argument("--reward", action="store_true",
+                        help="reward model: rewards [B, A] at lengths-1 (the tokens file holds `lengths`)")
     parser.add_argument("--dump-dir", default=None,
                         help="also save each rank's loaded parameters as rank<N>.safetensors (layout checks)")
     return parser.parse_args(argv)
@@ -38,8 +44,13 @@ def _load_weights(model, weights_dir: str) -> None:
     from megatron.core import dist_checkpointing
 
     sharded = model.sharded_state_dict(prefix="model.")
+    # NeMo-Aligner's GPTRewardModel.sharded_state_dict drops the head's _extra_state (it saves
+    # none); its local linear holds None there, which the strict module load gets back below.
+    sharded.pop("model.rm_head._extra_state", None)
     state = dist_checkpointing.load(sharded, weights_dir, strict="raise_unexpected")
     state = {k[len("model."):]: v for k, v in state.items()}
+    if hasattr(model, "rm_head"):
+        state["rm_head._extra_state"] = None
     model.load_state_dict(state, strict=True)
 
 
@@ -54,18 +65,46 @@ def _dump_local(model, dump_dir: str) -> None:
     save_file(tensors, os.path.join(dump_dir, f"rank{torch.distributed.get_rank()}.safetensors"), metadata=meta)
 
 
-def _forward(model, tokens: torch.Tensor):
-    """Forward-only pass through megatron's pipeline schedule; logits on the last stage."""
+def _logits_step(positions, mask, lengths):
+    """Schedule step for a language model: full-vocabulary logits on the last stage."""
+
+    def step(data_iterator, module):
+        return module(next(data_iterator), positions, mask, runtime_gather_output=True), None
+
+    return step
+
+
+def _reward_step(positions, mask, lengths):
+    """Schedule step for a reward model, as NeMo-Aligner's GPTRewardModel.forward computes it.
+
+    Aligner runs GPTModel with `post_process` switched off: the decoder still applies its final
+    layernorm (it has its own post_process) and GPTModel returns those hidden states instead of
+    logits. Its rm_head maps every position; the reward is the one at lengths-1 (right padding).
+    """
+
+    def step(data_iterator, module):
+        last_stage = module.post_process
+        module.post_process = False
+        try:
+            hidden = module(next(data_iterator), positions, mask)  # [S, B, H]
+        finally:
+            module.post_process = last_stage
+        if not last_stage:
+            return hidden, None  # sent on to the next stage
+        per_position, _ = module.rm_head(hidden)  # [S, B, A]; bias added inside (skip_bias_add=False)
+        return per_position[lengths - 1, torch.arange(hidden.shape[1])], None
+
+    return step
+
+
+def _forward(model, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
+    """Forward-only pass through megatron's pipeline schedule; logits (or rewards, given lengths) on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = tokens.shape
     positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
-
-    def step(data_iterator, module):
-        ids = next(data_iterator)
-        return module(ids, positions, mask, runtime_gather_output=True), None
-
+    step = (_logits_step if lengths is None else _reward_step)(positions, mask, lengths)
     with torch.no_grad():
         outputs = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
@@ -80,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
     from safetensors.torch import load_file, save_file
 
-    from nemo_rlhf.verify.megatron_cpu import apply_cpu_shims, build_gpt_model
+    from nemo_rlhf.verify.megatron_cpu import apply_cpu_shims, attach_reward_head, build_gpt_model
 
     apply_cpu_shims()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
@@ -88,13 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     model = build_gpt_model(cfg, args.vocab, args.tp, args.pp)
+    if args.reward and parallel_state.is_pipeline_last_stage():
+        attach_reward_head(model, cfg)
     _load_weights(model, args.weights)
     if args.dump_dir:
         _dump_local(model, args.dump_dir)
-    tokens = load_file(args.tokens)["input_ids"]
-    logits = _forward(model, tokens)
+    inputs = load_file(args.tokens)
+    result = _forward(model, inputs["input_ids"], inputs["lengths"] if args.reward else None)
+    name = "rewards" if args.reward else "logits"
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        save_file({"logits": logits.float().contiguous()}, args.out)
+        save_file({name: result.float().contiguous()}, args.out)
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()

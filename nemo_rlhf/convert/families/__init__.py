@@ -165,7 +165,8 @@ def get_family(architecture: str, where: str = "config.json") -> FamilySpec:
 def family_for_nemo(nemo_cfg: dict, where: str) -> FamilySpec:
     """The family whose fixed model_config.yaml values a NeMo config carries."""
     _load_all()
-    for spec in dict.fromkeys(_REGISTRY.values()):
+    # By identity: a spec holds dicts, so it is unhashable; one spec may serve several names.
+    for spec in {id(s): s for s in _REGISTRY.values()}.values():
         if spec.matches_nemo(nemo_cfg):
             return spec
     raise UserError("model_config.yaml matches no supported architecture family", where=where,
