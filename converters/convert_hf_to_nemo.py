@@ -21,9 +21,12 @@ if __name__ == "__main__":
     parser.add_argument("--output_path", required=True, help=".nemo file (or a directory for the extracted form)")
     parser.add_argument("--precision", choices=sorted(PRECISION), default=None, help="stored weight precision")
     parser.add_argument("--layer_spec", choices=("te", "local"), default="te")
+    parser.add_argument("--no_verify", action="store_true", help="skip the TP=PP=1 certificate and its manifest")
     args = parser.parse_args()
     argv = ["convert", "hf-to-nemo", "--hf", args.input_name_or_path, "--out", args.output_path,
             "--layer-spec", args.layer_spec]
     if args.precision:
         argv += ["--dtype", PRECISION[args.precision]]
+    if args.no_verify:
+        argv.append("--no-verify")
     sys.exit(main(argv))

@@ -218,10 +218,24 @@ def test_certificate_passes(tp, pp, hf_dir, nemo_file):
     assert cert.max_abs_logit_diff <= 1e-4 and cert.top1_agreement == 1.0 and cert.num_tokens > 50
 
 
-@pytest.mark.parametrize("wrong", ["plain_cat_qkv", "up_gate_fc1"])
+def _interleave_heads(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of each head reordered from HF's rotate-half layout [x0..x(d/2-1), y0..] to the
+    interleaved [x0, y0, x1, y1, ...] (Meta's original checkpoints, `rotary_interleaved: True`)."""
+    rows = weight.shape[0]
+    return weight.reshape(rows // head_dim, 2, head_dim // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("wrong", ["plain_cat_qkv", "up_gate_fc1", "interleaved_rotary"])
 def test_certificate_catches_a_wrong_mapping(wrong, hf_dir, tmp_path, monkeypatch):
     if wrong == "plain_cat_qkv":
         monkeypatch.setattr(type(QKV), "to_megatron", lambda self, hf, geo: torch.cat(list(hf)))
+    elif wrong == "interleaved_rotary":
+        # A converter that thinks one side uses interleaved rotary pairs permutes q and k rows per
+        # head; q.k at position 0 is unchanged, but rotary then pairs the wrong dimensions.
+        original = type(QKV).to_megatron
+        head_dim = TINY["hidden_size"] // TINY["num_heads"]
+        monkeypatch.setattr(type(QKV), "to_megatron", lambda self, hf, geo: original(
+            self, [_interleave_heads(hf[0], head_dim), _interleave_heads(hf[1], head_dim), hf[2]], geo))
     else:
         monkeypatch.setattr(type(GATED_MLP), "to_megatron", lambda self, hf, geo: torch.cat([hf[1], hf[0]]))
     bad = hf_to_nemo(hf_dir, tmp_path / "wrong.nemo")
@@ -347,3 +361,57 @@ def test_nemo_style_converter_scripts_round_trip(hf_dir, tmp_path):
     original, restored = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
     assert set(original) == set(restored)
     assert all(torch.equal(original[k], restored[k]) for k in original)
+
+
+# --------------------------------------------------------------------------- the convert manifest
+
+
+def test_cli_convert_records_a_passing_certificate(hf_dir, tmp_path):
+    """A .nemo tar gets a sidecar <out>.manifest.json (no extra tar member); a directory gets it inside."""
+    from nemo_rlhf.lineage.hashing import sha256_file
+
+    tar, folder = tmp_path / "m.nemo", tmp_path / "m_dir"
+    for out, manifest in ((tar, tmp_path / "m.nemo.manifest.json"), (folder, folder / "conversion_manifest.json")):
+        proc = _cli("convert", "hf-to-nemo", "--hf", str(hf_dir), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        record = json.loads(manifest.read_text())
+        assert record["passed"] is True and (record["tp"], record["pp"]) == (1, 1)
+        assert record["certificate"]["max_abs_logit_diff"] <= 1e-4 and record["megatron_core"]
+        assert record["source_sha256"]["model.safetensors"] == sha256_file(hf_dir / "model.safetensors")
+    assert json.loads((tmp_path / "m.nemo.manifest.json").read_text())["output_sha256"] == {"m.nemo": sha256_file(tar)}
+    inside = json.loads((folder / "conversion_manifest.json").read_text())["output_sha256"]
+    assert inside["model_config.yaml"] == sha256_file(folder / "model_config.yaml")
+    assert "conversion_manifest.json" not in inside
+    with tarfile.open(tar, "r:") as t:
+        assert not any("manifest" in n for n in t.getnames())
+
+
+def test_cli_convert_no_verify_writes_no_manifest(hf_dir, tmp_path):
+    out = tmp_path / "nv.nemo"
+    stale = tmp_path / "nv.nemo.manifest.json"
+    stale.write_text('{"passed": true}')  # from an earlier convert: must not vouch for the new output
+    proc = _cli("convert", "hf-to-nemo", "--hf", str(hf_dir), "--out", str(out), "--no-verify", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and not stale.exists()
+    folder = tmp_path / "nv_dir"
+    script = subprocess.run([sys.executable, str(REPO / "converters" / "convert_hf_to_nemo.py"),
+                             "--input_name_or_path", str(hf_dir), "--output_path", str(folder), "--no_verify"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert (folder / "model_config.yaml").is_file() and not (folder / "conversion_manifest.json").exists()
+
+
+def test_failed_certificate_renames_the_output(hf_dir, tmp_path, monkeypatch):
+    """A wrong conversion is not left under the asked-for name: it becomes <out>.failed with passed=false."""
+    from nemo_rlhf.verify.certificate import certify_conversion
+
+    monkeypatch.setattr(type(QKV), "to_megatron", lambda self, hf, geo: torch.cat(list(hf)))
+    out = hf_to_nemo(hf_dir, tmp_path / "bad.nemo")
+    monkeypatch.undo()
+    (tmp_path / "bad.nemo.manifest.json").write_text('{"passed": true}')  # stale sidecar
+    cert, where, manifest = certify_conversion(hf_dir, out)
+    assert not cert.passed
+    assert not out.exists() and not (tmp_path / "bad.nemo.manifest.json").exists()
+    assert where == tmp_path / "bad.nemo.failed" and where.is_file()
+    assert manifest == tmp_path / "bad.nemo.failed.manifest.json"
+    assert json.loads(manifest.read_text())["passed"] is False

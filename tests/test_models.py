@@ -46,14 +46,7 @@ def _ask(model_dir: Path, question: str, max_new_tokens: int = 20) -> str:
 # --------------------------------------------------------------------------- SmolLM2 from PyPI
 
 
-@pytest.fixture(scope="module")
-def smollm_dir(tmp_path_factory) -> Path:
-    """The real SmolLM2-135M-Instruct, materialized once through the CLI (~30 s)."""
-    out = tmp_path_factory.mktemp("smollm") / "base"
-    proc = cli("models", "materialize", SMOLLM, "--out", str(out), check=True)
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith(f"wrote {out} (") and "MB)" in last, proc.stdout
-    return out
+# `smollm_dir` (the real SmolLM2-135M-Instruct, materialized once per session) is in conftest.py.
 
 
 def test_materialized_files(smollm_dir):

@@ -1,18 +1,23 @@
 """`nemo-rlhf convert`: HF checkpoints <-> NeMo 2.1 `.nemo` (Megatron distributed checkpoint inside).
 
     nemo-rlhf convert hf-to-nemo --hf DIR --out PATH.nemo [--kind policy|reward] [--layer-spec te|local] [--dtype D]
+                          [--no-verify]
     nemo-rlhf convert nemo-to-hf --nemo PATH.nemo --out DIR
 
 A `*ForSequenceClassification` checkpoint (num_labels=1) becomes a NeMo-Aligner reward-model
 .nemo (rm_head), and exports back to the same HF architecture; a `*ForCausalLM` is a policy.
 
 An --out ending in `.nemo` gets the tar form, anything else the extracted-directory form (NeMo
-and NeMo-Aligner accept both). Check a conversion with `nemo-rlhf verify conversion`.
+and NeMo-Aligner accept both). Every hf-to-nemo then runs the conversion certificate at TP=PP=1
+(`nemo-rlhf verify conversion`) and records it, with sha256 of the source files and of the
+output, in `conversion_manifest.json` inside a directory output or in `<out>.manifest.json`
+beside a .nemo tar. A failed certificate exits 1 and renames the output to `<out>.failed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -38,6 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="model.tokenizer.type for NeMo: a hub id or a directory on the cluster "
                           "(default: the absolute --hf path, as NeMo's converter writes).")
     h2n.add_argument("--overwrite", action="store_true", help="Replace an existing output.")
+    h2n.add_argument("--no-verify", action="store_true",
+                     help="Skip the TP=PP=1 certificate (and write no manifest).")
     h2n.set_defaults(func=cmd_hf_to_nemo)
 
     n2h = sub.add_parser("nemo-to-hf", help=".nemo (tar or directory) -> HF directory.")
@@ -52,11 +59,35 @@ def cmd_hf_to_nemo(args: argparse.Namespace) -> int:
     import torch
 
     from nemo_rlhf.convert.convert import hf_to_nemo
+    from nemo_rlhf.verify.certificate import certify_conversion, manifest_path
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = hf_to_nemo(args.hf, args.out, layer_spec=args.layer_spec, dtype=dtype,
                      tokenizer_type=args.tokenizer_type, overwrite=args.overwrite, kind=args.kind)
+    if args.no_verify:
+        manifest_path(out).unlink(missing_ok=True)  # a sidecar left by an earlier convert would vouch for this one
+        print(out)
+        return 0
+    cert, where, manifest = certify_conversion(args.hf, out)
+    if not cert.passed:
+        if cert.error:
+            detail = cert.error
+        elif cert.kind == "policy":
+            detail = (f"max |logit diff| {cert.max_abs_logit_diff:.3g} (tolerance {cert.tolerance:g}), "
+                      f"greedy agreement {cert.top1_agreement:.1%}")
+        else:
+            detail = f"max |reward diff| {cert.max_abs_reward_diff:.3g} (tolerance {cert.tolerance:g})"
+        print(f"conversion certificate FAILED at TP=1 PP=1: {detail}\n"
+              f"  the output was renamed to {where}; manifest: {manifest}", file=sys.stderr)
+        if args.dtype and args.dtype != "float32":
+            print(f"  note: the weights were stored as {args.dtype}; the certificate compares with HF in float32 at "
+                  f"the fp32 tolerance, which rounding alone exceeds. Convert at the source dtype, or pass --no-verify "
+                  f"and check with `nemo-rlhf verify conversion --tolerance`", file=sys.stderr)
+        return 1
     print(out)
+    print(f"certificate passed (TP=1 PP=1, max |diff| "
+          f"{cert.max_abs_logit_diff if cert.kind == 'policy' else cert.max_abs_reward_diff:.3g}); "
+          f"manifest: {manifest}", file=sys.stderr)
     return 0
 
 

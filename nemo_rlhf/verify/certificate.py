@@ -257,3 +257,63 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1,
     for key, value in metrics.items():
         setattr(cert, key, value)
     return cert
+
+
+# --------------------------------------------------------------------------- the convert manifest
+
+MANIFEST_NAME = "conversion_manifest.json"
+FAILED_SUFFIX = ".failed"
+
+
+def manifest_path(out_path: Path) -> Path:
+    """Where a conversion's manifest lives: inside an extracted directory, beside a .nemo tar.
+
+    A .nemo tar gets a sidecar `<out>.manifest.json` instead of a new member: NeMo's restore
+    extracts every member it finds, and an unknown member is not something we have verified it ignores.
+    """
+    out_path = Path(out_path)
+    return out_path / MANIFEST_NAME if out_path.is_dir() else out_path.with_name(out_path.name + ".manifest.json")
+
+
+def build_manifest(hf_dir: Path, out_path: Path, cert: Certificate) -> dict:
+    """The certificate's fields plus sha256 of every source HF file and of the output."""
+    from nemo_rlhf.lineage.hashing import sha256_file, sha256_tree
+
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        output = {k: v for k, v in sha256_tree(out_path).items() if k != MANIFEST_NAME}
+    else:
+        output = {out_path.name: sha256_file(out_path)}
+    return {"certificate": cert.to_dict(), "tp": cert.tp, "pp": cert.pp, "megatron_core": cert.megatron_core,
+            "passed": cert.passed, "source_hf_dir": str(Path(hf_dir).absolute()),
+            "source_sha256": sha256_tree(Path(hf_dir)), "output": str(out_path.absolute()),
+            "output_sha256": output}
+
+
+def certify_conversion(hf_dir: Path, out_path: Path) -> tuple[Certificate, Path, Path]:
+    """Runs the certificate at TP=PP=1 on a fresh conversion and records it in the manifest.
+
+    On failure the output is kept for inspection but renamed to `<out>.failed` (its manifest,
+    passed=false, inside it or beside it as `<out>.failed.manifest.json`), so nothing downstream
+    picks up a checkpoint under the name the user asked for.
+
+    Returns:
+        (certificate, where the output now is, manifest path).
+    """
+    import shutil
+
+    out_path = Path(out_path).absolute()
+    cert = verify_conversion(hf_dir, out_path, tp=1, pp=1)
+    if not cert.passed:
+        failed = out_path.with_name(out_path.name + FAILED_SUFFIX)
+        for stale in (failed, manifest_path(failed)):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+        os.replace(out_path, failed)
+        manifest_path(out_path).unlink(missing_ok=True)  # a stale sidecar must not vouch for nothing
+        out_path = failed
+    target = manifest_path(out_path)
+    target.write_text(json.dumps(build_manifest(hf_dir, out_path, cert), indent=2) + "\n", encoding="utf-8")
+    return cert, out_path, target
