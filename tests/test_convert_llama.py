@@ -27,6 +27,7 @@ from nemo_rlhf.errors import UserError
 from nemo_rlhf.models.materialize import build_random_model
 from nemo_rlhf.spec.schema import RandomModelConfig
 from nemo_rlhf.verify.certificate import verify_conversion
+from tests.helpers import randomize_weights
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
@@ -38,12 +39,7 @@ def _random_llama(out: Path, tied: bool = True, seed: int = 0) -> Path:
     """Tiny Llama with std-0.1 weights and norm weights drawn around 1 (not all ones)."""
     path = build_random_model(RandomModelConfig(**TINY, tie_word_embeddings=tied), GPT2_TOKENIZER, "chatml",
                               out, seed=seed)
-    weights = load_file(path / "model.safetensors")
-    gen = torch.Generator().manual_seed(seed + 1)
-    for key in weights:
-        if key.endswith("norm.weight"):
-            weights[key] = 1.0 + 0.5 * torch.randn(weights[key].shape, generator=gen)
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    randomize_weights(path, seed, {"norm.weight": 1.0})
     return path
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nemo_rlhf.convert import dist_ckpt, nemo_archive
 from nemo_rlhf.convert.convert import hf_to_nemo, nemo_to_hf
@@ -22,6 +22,7 @@ from nemo_rlhf.convert.model_config import REFERENCE_DIR, build_model_config, hf
 from nemo_rlhf.convert.param_mapping import QKV
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.verify.certificate import verify_conversion
+from tests.helpers import randomize_weights
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
@@ -46,14 +47,7 @@ def _random_qwen2(out: Path, seed: int = 0) -> Path:
         model = Qwen2ForCausalLM(config).eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    weights = load_file(out / "model.safetensors")
-    gen = torch.Generator().manual_seed(seed + 1)
-    for key in weights:
-        if key.endswith("norm.weight"):
-            weights[key] = 1.0 + 0.5 * torch.randn(weights[key].shape, generator=gen)
-        elif key.endswith("_proj.bias"):
-            weights[key] = 0.5 * torch.randn(weights[key].shape, generator=gen)
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    randomize_weights(out, seed, {"norm.weight": 1.0, "_proj.bias": 0.0})
     return out
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from nemo_rlhf.convert import dist_ckpt, nemo_archive, reward_head
 from nemo_rlhf.convert.convert import hf_to_nemo, nemo_to_hf
@@ -26,6 +26,7 @@ from nemo_rlhf.errors import UserError
 from nemo_rlhf.models.materialize import build_random_model
 from nemo_rlhf.spec.schema import RandomModelConfig
 from nemo_rlhf.verify.certificate import reward_tokens, verify_conversion
+from tests.helpers import randomize_weights
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2_TOKENIZER = REPO.parent / "shared" / "data" / "tokenizers" / "gpt2" / "tokenizer.json"
@@ -47,12 +48,7 @@ def _random_reward_model(out: Path, seed: int = 0) -> Path:
     model.config.pad_token_id = tokenizer.pad_token_id  # as the RM stage sets it
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    weights = load_file(out / "model.safetensors")
-    gen = torch.Generator().manual_seed(seed + 1)
-    for key in weights:
-        if key.endswith("norm.weight"):
-            weights[key] = 1.0 + 0.5 * torch.randn(weights[key].shape, generator=gen)
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    randomize_weights(out, seed, {"norm.weight": 1.0})
     return out
 
 
