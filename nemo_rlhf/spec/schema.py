@@ -36,6 +36,27 @@ class RandomModelConfig:
 
 
 @dataclass
+class ArchConfig:
+    """Model dimensions, as the HF config.json states them; what preflight and the renderer need.
+
+    A large-scale checkpoint is not on this machine, so its shape must come from the spec: name a
+    `preset` (a real config.json in `nemo_rlhf.spec.architectures`) and/or give the fields; a field
+    given here overrides the preset's.
+    """
+
+    preset: Optional[str] = _f(None, "Known architecture, e.g. llama3-8b (see nemo_rlhf/spec/architectures.py).")
+    family: Optional[str] = _f(None, "Architecture family: llama, qwen2 or gpt_neox.")
+    num_layers: Optional[int] = _f(None, "num_hidden_layers.")
+    hidden_size: Optional[int] = _f(None, "hidden_size.")
+    num_attention_heads: Optional[int] = _f(None, "num_attention_heads.")
+    num_query_groups: Optional[int] = _f(None, "num_key_value_heads (query groups; = heads for plain MHA).")
+    ffn_hidden_size: Optional[int] = _f(None, "intermediate_size.")
+    vocab_size: Optional[int] = _f(None, "vocab_size (embedding rows).")
+    seq_length: Optional[int] = _f(None, "max_position_embeddings: the longest sequence the model is trained for.")
+    tie_word_embeddings: Optional[bool] = _f(None, "Input embedding shared with the output layer.")
+
+
+@dataclass
 class ModelConfig:
     """Where the base model comes from."""
 
@@ -54,6 +75,10 @@ class ModelConfig:
         None, "Chat template name (chatml) for a tokenizer that has none; null keeps the model's own."
     )
     dtype: str = _f("float32", "Training dtype on CPU: float32 or bfloat16.")
+    arch: ArchConfig = _f(
+        ArchConfig,
+        "Dimensions of the model for preflight (large scale: the checkpoint lives on the cluster, not here).",
+    )
 
 
 @dataclass
@@ -156,32 +181,75 @@ class EvalConfig:
 
 
 @dataclass
-class ClusterConfig:
-    """Large scale only (SLURM); validated now, used by the launcher."""
+class AlignerDataConfig:
+    """Large scale: data files in NeMo-Aligner's formats, as paths inside the container."""
 
-    account: Optional[str] = _f(None, "SLURM account.")
-    partition: Optional[str] = _f(None, "SLURM partition.")
-    nodes: int = _f(1, "Nodes per stage.")
-    gpus_per_node: int = _f(8, "GPUs per node.")
-    gpu_memory_gb: float = _f(80.0, "Memory of one GPU in GB.")
-    container_image: Optional[str] = _f(None, "NeMo container image.")
-    mounts: list = _f([], "Container mounts, host:container.")
-    time_limit: str = _f("04:00:00", "SLURM time limit per stage.")
+    sft_train: Optional[str] = _f(None, "SFT jsonl ({input, output} rows) for train_gpt_sft.py.")
+    sft_val: Optional[str] = _f(None, "SFT validation jsonl.")
+    rm_train: Optional[str] = _f(None, "Comparison jsonl ({text} rows, chosen then rejected), train_reward_model.py.")
+    rm_val: Optional[str] = _f(None, "Comparison validation jsonl.")
+    ppo_train: Optional[str] = _f(None, "PPO prompt jsonl ({text} rows) for train_gpt_ppo_actor.py.")
+    ppo_val: Optional[str] = _f(None, "PPO validation prompt jsonl.")
+
+
+@dataclass
+class ClusterConfig:
+    """Large scale only: the SLURM cluster and NVIDIA's NeMo container (NeMo 2.1 + NeMo-Aligner 0.7.0)."""
+
+    account: Optional[str] = _f(None, "SLURM account (#SBATCH --account).")
+    partition: Optional[str] = _f(None, "SLURM partition (#SBATCH --partition).")
+    nodes: int = _f(1, "Nodes per stage unless parallel.<stage>.nodes says otherwise.")
+    gpus_per_node: int = _f(8, "GPUs per node (also --ntasks-per-node: one task per GPU).")
+    gpu_memory_gb: float = _f(80.0, "Memory of one GPU in GB (1e9 bytes).")
+    container_image: Optional[str] = _f(None, "NeMo container image for pyxis (--container-image).")
+    mounts: list = _f([], "Container mounts, host:container (the run directory is always mounted at its own path).")
+    time_limit: str = _f("04:00:00", "SLURM time limit per stage (HH:MM:SS or D-HH:MM:SS).")
+    exclusive: bool = _f(True, "Ask for whole nodes (#SBATCH --exclusive), as NeMo-Aligner's launch docs do.")
+    aligner_repo: str = _f("/opt/NeMo-Aligner", "NeMo-Aligner checkout inside the container (GPFS in its docs).")
+    nemo_rlhf_command: str = _f("nemo-rlhf", "How the container runs our CLI (convert, export, eval).")
+    precision: str = _f("bf16", "trainer.precision of the NeMo-Aligner stages: bf16 or 16 or 32.")
+    distributed_optimizer: bool = _f(
+        True, "model.optim.name distributed_fused_adam (optimizer states sharded over DP) instead of fused_adam."
+    )
+    nccl_algo: str = _f("Tree", "NCCL_ALGO for the PPO job (NeMo-Aligner: deterministic log-probs across passes).")
+    data: AlignerDataConfig = _f(AlignerDataConfig, "Training data in NeMo-Aligner formats (container paths).")
 
 
 @dataclass
 class StageParallelConfig:
-    tp: int = _f(1, "Tensor parallel size.")
-    pp: int = _f(1, "Pipeline parallel size.")
-    micro_batch_size: int = _f(1, "Micro batch size per GPU.")
-    global_batch_size: int = _f(8, "Global batch size.")
+    nodes: Optional[int] = _f(None, "Nodes of this stage; null = cluster.nodes.")
+    tp: int = _f(1, "Tensor parallel size (model.tensor_model_parallel_size).")
+    pp: int = _f(1, "Pipeline parallel size (model.pipeline_model_parallel_size).")
+    virtual_pp: Optional[int] = _f(None, "Interleaved pipeline stages per rank; null = not interleaved.")
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tp > 1).")
+    activations_checkpoint: Optional[str] = _f(None, "Activation recomputation: null, selective or full.")
+    micro_batch_size: int = _f(1, "Micro batch size per GPU (RM: pairs).")
+    global_batch_size: int = _f(8, "Global batch size (RM: pairs; PPO actor: samples per optimizer step).")
+    time_limit: Optional[str] = _f(None, "SLURM time limit of this stage; null = cluster.time_limit.")
+
+
+@dataclass
+class ActorParallelConfig(StageParallelConfig):
+    rollout_micro_batch_size: int = _f(8, "Prompts per generation micro batch per DP rank (model.ppo).")
+    forward_micro_batch_size: Optional[int] = _f(
+        None, "Micro batch of the log-prob passes (model.ppo); null = rollout_micro_batch_size."
+    )
+
+
+@dataclass
+class CriticParallelConfig(StageParallelConfig):
+    inference_micro_batch_size: int = _f(
+        4, "Samples per critic/RM inference call per actor DP rank (trainer.ppo.inference_micro_batch_size)."
+    )
+    port: int = _f(5567, "Port of the critic + reward-model server (trainer.ppo.port / remote_critic_rm.critic.port).")
 
 
 @dataclass
 class ParallelConfig:
     sft: StageParallelConfig = _f(StageParallelConfig, "SFT layout.")
     rm: StageParallelConfig = _f(StageParallelConfig, "RM layout.")
-    ppo: StageParallelConfig = _f(StageParallelConfig, "PPO actor layout.")
+    ppo: ActorParallelConfig = _f(ActorParallelConfig, "PPO actor (+ reference policy) layout: het-group 1.")
+    critic: CriticParallelConfig = _f(CriticParallelConfig, "PPO critic + reward-model server layout: het-group 0.")
 
 
 @dataclass

@@ -21,7 +21,21 @@ CHOICES = {
     "data.preference.format": ("hh_rlhf",),
     "rm.init_from": ("sft", "base"),
     "ppo.kl_estimator": ("k1", "k3"),
+    "cluster.precision": ("bf16", "16", "32"),
+    "cluster.nccl_algo": ("Tree", "Ring", "CollnetDirect", "CollnetChain", "NVLS", "NVLSTree"),
 }
+PARALLEL_STAGES = ("sft", "rm", "ppo", "critic")
+# Choices that may also be null.
+OPTIONAL_CHOICES = {
+    "model.arch.family": ("llama", "qwen2", "gpt_neox"),
+    **{f"parallel.{s}.activations_checkpoint": ("selective", "full") for s in PARALLEL_STAGES},
+}
+TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
+# Large scale: every one of these must be set (the cluster runs nothing without them).
+LARGE_REQUIRED = [
+    "cluster.container_image",
+    *(f"cluster.data.{k}" for k in ("sft_train", "sft_val", "rm_train", "rm_val", "ppo_train", "ppo_val")),
+]
 
 POSITIVE_INTS = [
     "sft.max_steps",
@@ -48,6 +62,20 @@ POSITIVE_INTS = [
     "model.random.num_kv_heads",
     "model.random.intermediate_size",
     "model.random.max_position_embeddings",
+    "cluster.nodes",
+    "cluster.gpus_per_node",
+    "cluster.gpu_memory_gb",
+    *(f"parallel.{s}.{k}" for s in PARALLEL_STAGES for k in ("tp", "pp", "micro_batch_size", "global_batch_size")),
+    "parallel.ppo.rollout_micro_batch_size",
+    "parallel.critic.inference_micro_batch_size",
+    "parallel.critic.port",
+]
+# Optional ints that, when set, must be > 0.
+OPTIONAL_POSITIVE = [
+    *(f"model.arch.{k}" for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                                  "ffn_hidden_size", "vocab_size", "seq_length")),
+    *(f"parallel.{s}.{k}" for s in PARALLEL_STAGES for k in ("nodes", "virtual_pp")),
+    "parallel.ppo.forward_micro_batch_size",
 ]
 NON_NEGATIVE = [
     "data.sft.num_examples",
@@ -94,6 +122,10 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
         if get(spec, key) not in allowed:
             problems.append(f"{key}: {get(spec, key)!r} is not one of {', '.join(allowed)}")
     problems += [f"{k}: must be > 0, got {get(spec, k)}" for k in POSITIVE_INTS + POSITIVE_FLOATS if get(spec, k) <= 0]
+    for key, allowed in OPTIONAL_CHOICES.items():
+        if get(spec, key) is not None and get(spec, key) not in allowed:
+            problems.append(f"{key}: {get(spec, key)!r} is not one of {', '.join(allowed)} (or null)")
+    problems += [f"{k}: must be > 0, got {get(spec, k)}" for k in OPTIONAL_POSITIVE if (get(spec, k) or 1) <= 0]
     problems += [f"{k}: must be >= 0, got {get(spec, k)}" for k in NON_NEGATIVE if get(spec, k) < 0]
     problems += [f"{k}: must be within [0, 1], got {get(spec, k)}" for k in UNIT_INTERVAL if not 0 <= get(spec, k) <= 1]
     problems += [
@@ -103,7 +135,28 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
     ]
     problems += _model_problems(spec)
     problems += _batch_problems(spec)
-    problems += _file_problems(spec)
+    problems += _cluster_problems(spec)
+    if spec.scale == "small":  # large scale: data and checkpoints are paths on the cluster, not here
+        problems += _file_problems(spec)
+    return problems
+
+
+def _cluster_problems(spec: PipelineSpec) -> list[str]:
+    """Shape of the cluster section; the parallel layout itself is preflight's job (nemo_rlhf.slurm.preflight)."""
+    c = spec.cluster
+    problems = []
+    times = {"cluster.time_limit": c.time_limit}
+    times.update({f"parallel.{s}.time_limit": get(spec, f"parallel.{s}.time_limit") for s in PARALLEL_STAGES})
+    for key, value in times.items():
+        if value is not None and not TIME_RE.match(value):
+            problems.append(f"{key}: {value!r} is not a SLURM time (HH:MM:SS or D-HH:MM:SS)")
+    for i, mount in enumerate(c.mounts):
+        if not isinstance(mount, str) or ":" not in mount:
+            problems.append(f"cluster.mounts[{i}]: {mount!r} is not host:container")
+    if not 1024 <= spec.parallel.critic.port <= 65535:
+        problems.append(f"parallel.critic.port: {spec.parallel.critic.port} is not a port in 1024..65535")
+    if spec.scale == "large":
+        problems += [f"{k}: required when scale is large" for k in LARGE_REQUIRED if not get(spec, k)]
     return problems
 
 
@@ -114,7 +167,7 @@ def _model_problems(spec: PipelineSpec) -> list[str]:
         problems.append("model.name: required when model.source is pypi_gguf (see `nemo-rlhf models list`)")
     if m.source == "hf_dir" and not m.path:
         problems.append("model.path: required when model.source is hf_dir")
-    if m.source == "hf_dir" and m.path and not Path(m.path).expanduser().is_dir():
+    if spec.scale == "small" and m.source == "hf_dir" and m.path and not Path(m.path).expanduser().is_dir():
         problems.append(f"model.path: {m.path} is not a directory")
     if m.source == "random":
         r = m.random
