@@ -229,3 +229,33 @@ QKV = Qkv()
 GATED_MLP = GatedMlp()
 
 KINDS = {kind.name: kind for kind in (REPLICATED, COLUMN, ROW, VOCAB, QKV, GATED_MLP)}
+
+
+class FusedQkv(Qkv):
+    """A fused HF query_key_value already in Megatron's layout (GPT-NeoX) <-> linear_qkv, unchanged.
+
+    GPT-NeoX stores, per head, that head's q rows, then its k rows, then its v rows: Megatron's
+    per-query-group layout with one query group per head. The tensor is copied as it is; only
+    its size is checked, and TP splits it by whole query groups like `qkv`.
+    """
+
+    name = "fused_qkv"
+    num_hf = 1
+
+    def to_megatron(self, hf, geo):
+        expected = geo.num_query_groups * (geo.heads_per_group + 2) * geo.head_dim
+        if hf[0].shape[0] != expected:
+            raise UserError(f"query_key_value has {hf[0].shape[0]} rows, expected {expected} for {geo.num_heads} "
+                            f"heads of size {geo.head_dim}",
+                            fix="use a checkpoint whose config.json matches its weights")
+        return hf[0]
+
+    def to_hf(self, tensor, geo):
+        return [self.to_megatron([tensor], geo)]
+
+    def megatron_shape(self, hf_shapes, geo):
+        return tuple(hf_shapes[0])
+
+
+FUSED_QKV = FusedQkv()
+KINDS[FUSED_QKV.name] = FUSED_QKV

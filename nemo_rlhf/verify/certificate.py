@@ -37,6 +37,11 @@ from nemo_rlhf.spec.paths import DATA_ROOT_ENV, data_root
 GSM8K_TEST = "gsm8k/test.jsonl"  # under the data root (spec.paths.data_root)
 FP32_TOLERANCE = 1e-4
 WORKER = "nemo_rlhf.verify.megatron_worker"
+# A directory holding another megatron-core (`pip install --no-deps --target DIR megatron-core==0.10.0`,
+# as scripts/install.sh does): the workers import megatron from there, so that version shadows the
+# installed one inside them only. The test suite uses it to check our files with NeMo-Aligner 0.7.0's
+# megatron-core 0.10.0 as well as 0.16.1.
+MEGATRON_PATH_ENV = "NEMO_RLHF_MEGATRON_PATH"
 
 
 @dataclass
@@ -179,6 +184,15 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, lengths: torch.Ten
             "passed": bool(max_diff <= tolerance and agree == 1.0)}
 
 
+def megatron_path(explicit: str | Path | None = None) -> str | None:
+    """The megatron-core directory the workers import first: `explicit`, else $NEMO_RLHF_MEGATRON_PATH."""
+    path = str(explicit) if explicit else os.environ.get(MEGATRON_PATH_ENV) or None
+    if path and not (Path(path) / "megatron" / "core").is_dir():
+        raise UserError(f"{path} holds no megatron/core package", where=MEGATRON_PATH_ENV if not explicit else None,
+                        fix="pip install --no-deps --target DIR megatron-core==0.10.0, then point at DIR")
+    return path
+
+
 def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, pp: int,
                  timeout: int = 900, dump_dir: Path | None = None,
                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
@@ -187,7 +201,19 @@ def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int,
     With `lengths` the model is run as a reward model and the result is its rewards [B, A].
     `dump_dir` also gets each rank's loaded parameters (rank<N>.safetensors), for layout tests.
     """
-    from safetensors.torch import load_file, save_file
+    result, tail, _ = run_workers(folder, tokens, padded_vocab, tp, pp, timeout, dump_dir, lengths)
+    return result, tail
+
+
+def run_workers(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, pp: int, timeout: int = 900,
+                dump_dir: Path | None = None, lengths: torch.Tensor | None = None,
+                megatron_dir: str | None = None) -> tuple[torch.Tensor | None, str, str]:
+    """`run_megatron`, also returning the megatron-core version the workers imported.
+
+    `megatron_dir` (see `megatron_path`) is put first on the workers' PYTHONPATH.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="nemo-rlhf-verify-") as tmp:
         inputs = {"input_ids": tokens.contiguous()}
@@ -204,25 +230,28 @@ def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int,
         if lengths is not None:
             cmd.append("--reward")
         package_root = str(Path(__file__).resolve().parents[2])
+        path = [megatron_dir, package_root, os.environ.get("PYTHONPATH")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+               "PYTHONPATH": os.pathsep.join(filter(None, path))}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         errors = sorted(Path(tmp).glob("logits.safetensors.rank*.error"))
         tail = errors[0].read_text(encoding="utf-8") if errors else (proc.stdout + proc.stderr)[-3000:]
         if proc.returncode != 0 or not out.is_file():
-            return None, tail
-        return load_file(str(out))["rewards" if lengths is not None else "logits"], tail
+            return None, tail, ""
+        with safe_open(str(out), "pt") as f:  # the version the workers really imported
+            version = (f.metadata() or {}).get("megatron_core", "")
+            result = f.get_tensor("rewards" if lengths is not None else "logits")
+        return result, tail, version
 
 
-def _megatron_version() -> str:
-    from importlib.metadata import version
-
-    return version("megatron-core")
-
-
-def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1,
-                      tolerance: float = FP32_TOLERANCE, num_prompts: int = 4) -> Certificate:
+def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1, tolerance: float | None = None,
+                      num_prompts: int = 4, megatron_dir: str | Path | None = None) -> Certificate:
     """Checks that megatron-core reads `nemo_path` as the same model as `hf_dir`, at TP x PP.
+
+    Args:
+        tolerance: Largest allowed |logit| (or |reward|) difference; None: FP32_TOLERANCE.
+        megatron_dir: Another megatron-core for the workers (see `megatron_path`); None:
+            $NEMO_RLHF_MEGATRON_PATH, else the installed one.
 
     Returns:
         The certificate; `passed` is False (with `error`) when megatron could not load or run it.
@@ -233,6 +262,8 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1,
     from transformers import AutoTokenizer
 
     hf_dir = check_hf_dir(hf_dir)
+    megatron_dir = megatron_path(megatron_dir)
+    tolerance = FP32_TOLERANCE if tolerance is None else tolerance
     # Layout first, from the config alone: a wrong --tp fails in a second, not after unpacking.
     cfg = model_config.parse_model_config(nemo_archive.read_config_text(nemo_path), str(nemo_path))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
@@ -243,12 +274,13 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1,
     with nemo_archive.open_nemo(nemo_path) as folder:
         if kind == reward_head.REWARD:
             reference, tokens = hf_rewards(hf_dir, tokens, lengths, pad_id(tokenizer))
-            result, tail = run_megatron(folder, tokens, padded, tp, pp, lengths=lengths)
+            result, tail, version = run_workers(folder, tokens, padded, tp, pp, lengths=lengths,
+                                                megatron_dir=megatron_dir)
         else:
             reference = hf_logits(hf_dir, tokens, lengths)
-            result, tail = run_megatron(folder, tokens, padded, tp, pp)
+            result, tail, version = run_workers(folder, tokens, padded, tp, pp, megatron_dir=megatron_dir)
     cert = Certificate(tp=tp, pp=pp, passed=False, num_prompts=len(tokens), tolerance=tolerance,
-                       megatron_core=_megatron_version(), kind=kind, num_tokens=int(lengths.sum()))
+                       megatron_core=version, kind=kind, num_tokens=int(lengths.sum()))
     if result is None:
         cert.error = f"megatron-core could not load or run the checkpoint:\n{tail}"
         return cert

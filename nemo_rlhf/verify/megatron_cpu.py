@@ -139,16 +139,26 @@ def transformer_config(cfg: dict, tp: int, pp: int):
     )
 
 
-def build_gpt_model(cfg: dict, padded_vocab_size: int, tp: int, pp: int):
-    """megatron-core's own GPTModel (local spec) for this rank's pipeline stage."""
+def build_gpt_model(cfg: dict, padded_vocab_size: int, tp: int, pp: int, drop_output_biases: bool = False):
+    """megatron-core's own GPTModel for this rank's pipeline stage.
+
+    The layer is megatron's local GPT spec, or for a parallel-attention (Falcon-style, i.e.
+    GPT-NeoX) config the parallel-residual layer built from the same modules; see
+    `parallel_residual` (also for `drop_output_biases`).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from nemo_rlhf.verify import parallel_residual
+    from nemo_rlhf.verify.megatron_compat import gpt_local_spec
 
     config = transformer_config(cfg, tp, pp)
     if cfg.get("position_embedding_type", "rope") != "rope":
         raise UserError(f"position_embedding_type {cfg.get('position_embedding_type')!r} is not supported yet")
-    spec = get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=False)
+    if parallel_residual.is_parallel_residual(cfg):
+        spec = parallel_residual.layer_spec(config.normalization, drop_output_biases)
+    else:
+        spec = gpt_local_spec(config.normalization)
     return GPTModel(
         config=config, transformer_layer_spec=spec, vocab_size=padded_vocab_size,
         max_sequence_length=int(cfg["encoder_seq_length"]),

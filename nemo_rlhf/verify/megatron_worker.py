@@ -65,11 +65,20 @@ def _dump_local(model, dump_dir: str) -> None:
     save_file(tensors, os.path.join(dump_dir, f"rank{torch.distributed.get_rank()}.safetensors"), metadata=meta)
 
 
+def _keep(output, non_loss_data=True):
+    """The schedule's "loss function": keeps the last stage's output as it is.
+
+    With collect_non_loss_data=True both megatron-core 0.10 and 0.16 store what it returns
+    (0.10 always calls it; 0.16 also accepts None, 0.10 does not).
+    """
+    return output
+
+
 def _logits_step(positions, mask, lengths):
     """Schedule step for a language model: full-vocabulary logits on the last stage."""
 
     def step(data_iterator, module):
-        return module(next(data_iterator), positions, mask, runtime_gather_output=True), None
+        return module(next(data_iterator), positions, mask, runtime_gather_output=True), _keep
 
     return step
 
@@ -90,9 +99,9 @@ def _reward_step(positions, mask, lengths):
         finally:
             module.post_process = last_stage
         if not last_stage:
-            return hidden, None  # sent on to the next stage
+            return hidden, _keep  # sent on to the next stage
         per_position, _ = module.rm_head(hidden)  # [S, B, A]; bias added inside (skip_bias_add=False)
-        return per_position[lengths - 1, torch.arange(hidden.shape[1])], None
+        return per_position[lengths - 1, torch.arange(hidden.shape[1])], _keep
 
     return step
 
@@ -108,7 +117,7 @@ def _forward(model, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
     with torch.no_grad():
         outputs = get_forward_backward_func()(
             forward_step_func=step, data_iterator=iter([tokens]), model=[model], num_microbatches=1,
-            seq_length=seq, micro_batch_size=batch, forward_only=True)
+            seq_length=seq, micro_batch_size=batch, forward_only=True, collect_non_loss_data=True)
     return outputs[0] if outputs else None
 
 
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
     from safetensors.torch import load_file, save_file
 
+    from nemo_rlhf.verify.megatron_compat import megatron_version
     from nemo_rlhf.verify.megatron_cpu import apply_cpu_shims, attach_reward_head, build_gpt_model
 
     apply_cpu_shims()
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result = _forward(model, inputs["input_ids"], inputs["lengths"] if args.reward else None)
     name = "rewards" if args.reward else "logits"
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        save_file({name: result.float().contiguous()}, args.out)
+        save_file({name: result.float().contiguous()}, args.out, metadata={"megatron_core": megatron_version()})
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
