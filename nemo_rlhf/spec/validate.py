@@ -157,6 +157,9 @@ def _cluster_problems(spec: PipelineSpec) -> list[str]:
         problems.append(f"parallel.critic.port: {spec.parallel.critic.port} is not a port in 1024..65535")
     if spec.scale == "large":
         problems += [f"{k}: required when scale is large" for k in LARGE_REQUIRED if not get(spec, k)]
+        if spec.model.source != "hf_dir" or not spec.model.path:
+            problems.append("model.source: large scale starts from an HF checkpoint on the cluster: set "
+                            "model.source=hf_dir and model.path")
     return problems
 
 
