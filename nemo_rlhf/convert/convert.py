@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_rlhf.convert import dist_ckpt, model_config, nemo_archive, reward_head
+from nemo_rlhf.convert import dist_ckpt, legacy_ckpt, model_config, nemo_archive, reward_head
 from nemo_rlhf.convert.families import FamilySpec, WeightEntry, family_for_nemo, get_family
 from nemo_rlhf.convert.param_mapping import Geometry
 from nemo_rlhf.errors import UserError
@@ -214,20 +216,34 @@ def _copy_assets(hf_dir: Path, dest: Path) -> None:
 
 # --------------------------------------------------------------------------- NeMo -> HF
 
+# Bytes per safetensors shard on export, counted as HF counts "2GB" (10**9 per GB).
+DEFAULT_MAX_SHARD_SIZE = 2 * 10**9
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
 
 def _is_ignorable(key: str) -> bool:
     """Checkpoint tensors that carry no weights of the HF model (recomputed or runtime state)."""
     return key.endswith("._extra_state") or "_extra_state/" in key or key.endswith("rotary_pos_emb.inv_freq")
 
 
-def _hf_tensors_from(family: FamilySpec, table: tuple[WeightEntry, ...], weights_dir: Path, geo: Geometry,
-                     num_layers: int, where: str, skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """Reads each Megatron tensor once and splits it into HF tensors through the table backwards.
+def _open_weights(folder: Path, cfg: dict, table: tuple[WeightEntry, ...], geo: Geometry):
+    """The model's weights as global tensors by key: legacy per-rank files if any (NeMo prefers them
+    too), else the distributed checkpoint in model_weights/."""
+    if not nemo_archive.legacy_rank_dirs(folder):
+        return dist_ckpt.DistCheckpoint(folder / nemo_archive.WEIGHTS_DIR)
+    kinds = {PREFIX + e.megatron: e.kind for e in table if e.megatron is not None}
+    return legacy_ckpt.LegacyCheckpoint(folder, kinds, geo, tp=int(cfg.get("tensor_model_parallel_size") or 1),
+                                        pp=int(cfg.get("pipeline_model_parallel_size") or 1))
+
+
+def _export_plan(family: FamilySpec, table: tuple[WeightEntry, ...], shapes: dict[str, tuple[int, ...]],
+                 where: str, skip: frozenset[str] = frozenset()) -> dict[str, WeightEntry]:
+    """Checkpoint key -> table row for every tensor to export; unknown or missing tensors are errors.
 
     `skip` holds checkpoint keys that are known but have no HF counterpart (a reward model's
     output layer and rm_head bias); they are neither exported nor reported as unknown.
     """
-    shapes = dist_ckpt.tensor_shapes(weights_dir)
     rows = {PREFIX + e.megatron: e for e in table if e.megatron is not None and PREFIX + e.megatron not in skip}
     unknown = [k for k in shapes if k not in rows and k not in skip and not _is_ignorable(k)]
     if unknown:
@@ -236,37 +252,96 @@ def _hf_tensors_from(family: FamilySpec, table: tuple[WeightEntry, ...], weights
     missing = [k for k, e in rows.items() if k not in shapes and not e.tied_to]
     if missing:
         raise UserError(f"checkpoint lacks {missing}", where=where, fix="the .nemo is incomplete: convert it again")
-    out: dict[str, torch.Tensor] = {}
-    for key, entry in rows.items():
-        if key not in shapes:
-            continue  # an output layer NeMo shares with the embedding: the HF model is tied
-        tensor = dist_ckpt.read_tensor(weights_dir, key)
-        if entry.stacked and tensor.shape[0] != num_layers:
-            raise UserError(f"{key} stacks {tensor.shape[0]} layers, the config says {num_layers}", where=where)
-        for layer in range(num_layers) if entry.stacked else [None]:
-            parts = entry.kind.to_hf(tensor[layer] if layer is not None else tensor, geo)
-            for i, part in enumerate(parts):
-                out[entry.hf_name(i, layer)] = part.clone()  # own storage: safetensors refuses shared views
-    return out
+    # An output layer NeMo shares with the embedding is absent: the HF model is tied.
+    return {k: e for k, e in rows.items() if k in shapes}
 
 
-def _tie_or_untie(family: FamilySpec, tensors: dict[str, torch.Tensor], hf_cfg: dict) -> None:
-    """Keeps the HF model tied only while the output layer still equals the embedding.
+def _hf_tensors_of(source, key: str, entry: WeightEntry, geo: Geometry, num_layers: int,
+                   where: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Reads one Megatron tensor and splits it into HF tensors through the table backwards."""
+    tensor = source.read_tensor(key)
+    if entry.stacked and tensor.shape[0] != num_layers:
+        raise UserError(f"{key} stacks {tensor.shape[0]} layers, the config says {num_layers}", where=where)
+    for layer in range(num_layers) if entry.stacked else [None]:
+        parts = entry.kind.to_hf(tensor[layer] if layer is not None else tensor, geo)
+        for i, part in enumerate(parts):
+            yield entry.hf_name(i, layer), part.clone()  # own storage: no view keeps the stack alive
+
+
+def _reader_of(source, plan: dict[str, WeightEntry], hf_name: str, geo: Geometry, num_layers: int,
+               where: str) -> Callable[[], torch.Tensor]:
+    """Reads the (unstacked, single) HF tensor `hf_name` again from the checkpoint, when called."""
+    key, entry = next((k, e) for k, e in plan.items() if e.hf[0] == hf_name)
+    return lambda: next(_hf_tensors_of(source, key, entry, geo, num_layers, where))[1]
+
+
+def _tie_or_untie(lm_head: torch.Tensor, embedding: Callable[[], torch.Tensor], hf_cfg: dict) -> bool:
+    """Keeps the HF model tied only while the output layer still equals the embedding; True: write lm_head.
 
     NeMo trains the output layer separately from the embedding; once they differ the exported
     model must carry its own lm_head (tie_word_embeddings false), or HF would silently reuse
-    the embedding.
+    the embedding. `embedding` reads the embedding again (it has been written already, and
+    holding it back would keep a vocabulary-sized tensor in memory for the whole export).
     """
-    for entry in family.weights:
-        if not entry.tied_to:
-            continue
-        own, shared = entry.hf[0], entry.tied_to
-        if own not in tensors:
-            hf_cfg["tie_word_embeddings"] = True
-        elif hf_cfg.get("tie_word_embeddings") and torch.equal(tensors[own], tensors[shared]):
-            del tensors[own]
-        else:
-            hf_cfg["tie_word_embeddings"] = False
+    if hf_cfg.get("tie_word_embeddings") and torch.equal(lm_head, embedding()):
+        return False
+    hf_cfg["tie_word_embeddings"] = False
+    return True
+
+
+class _ShardWriter:
+    """HF's sharded safetensors layout, written as it fills: at most one shard of tensors in memory.
+
+    Tensors are added in order; a shard is flushed (safetensors' save_file) when the next tensor
+    would take it past `max_shard_size` bytes, and a tensor larger than that gets a shard of its
+    own, as save_pretrained splits. Shards carry temporary names until their count is known:
+    `finish` names them `model-0000i-of-0000N.safetensors` and writes `model.safetensors.index.json`,
+    or, when everything fit in one shard, names it `model.safetensors` with no index.
+    """
+
+    def __init__(self, out_dir: Path, max_shard_size: int):
+        if max_shard_size < 1:
+            raise UserError(f"max_shard_size is {max_shard_size}", fix="pass a positive number of bytes")
+        self._dir, self._max = Path(out_dir), max_shard_size
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names of each flushed shard
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in shard for shard in self._shards):
+            raise RuntimeError(f"{name} exported twice")  # a table bug, not bad input
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self._max:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+        self.total_size += size
+
+    def _temp_name(self, index: int) -> Path:
+        return self._dir / f".shard-{index:05d}.safetensors.partial"
+
+    def _flush(self) -> None:
+        save_file(self._pending, str(self._temp_name(len(self._shards))), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Writes the last shard, names the shards and writes the index; returns the shard file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            os.replace(self._temp_name(0), self._dir / SINGLE_FILE)
+            return [SINGLE_FILE]
+        names, weight_map = [], {}
+        for i, tensors in enumerate(self._shards):
+            names.append(f"model-{i + 1:05d}-of-{count:05d}.safetensors")
+            os.replace(self._temp_name(i), self._dir / names[-1])
+            weight_map.update(dict.fromkeys(tensors, names[-1]))
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (self._dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return names
 
 
 def _tokenizer_len(assets: Path) -> int | None:
@@ -277,13 +352,50 @@ def _tokenizer_len(assets: Path) -> int | None:
     return len(AutoTokenizer.from_pretrained(str(assets)))
 
 
-def nemo_to_hf(nemo_path: Path, out_dir: Path, overwrite: bool = False) -> Path:
+def _write_hf_weights(writer: _ShardWriter, source, plan: dict[str, WeightEntry], family: FamilySpec, kind: str,
+                      geo: Geometry, num_layers: int, hf_cfg: dict, where: str) -> torch.dtype:
+    """Streams every exported tensor into `writer`; settles tying and the reward head on the way.
+
+    Returns the model's dtype (the embedding's; the table lists the embedding first).
+    """
+    embedding_name = family.weights[0].hf[0]
+    dtype = None
+    for key, entry in plan.items():
+        for name, tensor in _hf_tensors_of(source, key, entry, geo, num_layers, where):
+            if dtype is None and name == embedding_name:
+                dtype = tensor.dtype
+            if entry.tied_to and kind != reward_head.REWARD:
+                embedding = _reader_of(source, plan, entry.tied_to, geo, num_layers, where)
+                if not _tie_or_untie(tensor, embedding, hf_cfg):
+                    continue
+            if entry is reward_head.SCORE:
+                if dtype is None:
+                    raise RuntimeError("the table must list the embedding before the reward head")
+                head = {name: tensor}
+                reward_head.finish_hf(head, hf_cfg, dtype)
+                tensor = head[name]
+            writer.add(name, tensor)
+    tied_rows = [e for e in family.weights if e.tied_to]
+    if kind != reward_head.REWARD and tied_rows and not any(e in plan.values() for e in tied_rows):
+        hf_cfg["tie_word_embeddings"] = True  # NeMo shares the output layer with the embedding
+    return dtype
+
+
+def nemo_to_hf(nemo_path: Path, out_dir: Path, overwrite: bool = False,
+               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Exports a .nemo (tar or extracted directory) to an HF directory (safetensors + config + tokenizer).
+
+    The weights may be a distributed checkpoint (`model_weights/`) or the legacy per-rank
+    `model_weights.ckpt` files. They are streamed: one Megatron tensor is read at a time and its
+    HF tensors go into safetensors shards flushed as they fill (HF's sharded layout with an
+    index, or one `model.safetensors` when everything fits into one shard), so memory holds
+    about one shard plus one stacked tensor, never the whole model.
 
     Args:
         nemo_path: The .nemo file or extracted directory.
         out_dir: Directory to create.
         overwrite: Replace a non-empty `out_dir`.
+        max_shard_size: Bytes per safetensors shard (default 2 GB, as save_pretrained's "2GB").
 
     Returns:
         The absolute output directory.
@@ -299,24 +411,21 @@ def nemo_to_hf(nemo_path: Path, out_dir: Path, overwrite: bool = False) -> Path:
         vocab, padded = model_config.vocab_sizes(cfg, None if cfg.get("override_vocab_size") else
                                                  _tokenizer_len(assets))
         geo = model_config.geometry(cfg, vocab, padded)
-        weights_dir = folder / nemo_archive.WEIGHTS_DIR
-        dist_ckpt.check_dist_checkpoint(weights_dir)
-        if kind == reward_head.REWARD:  # before reading the weights: fail fast, write nothing
-            reward_head.check_exportable_bias(dist_ckpt.read_tensor(weights_dir, reward_head.BIAS_KEY), where)
         table, skip = reward_head.export_rows(family.weights, kind, PREFIX)
-        tensors = _hf_tensors_from(family, table, weights_dir, geo, int(cfg["num_layers"]), where, skip)
+        source = _open_weights(folder, cfg, table, geo)
+        plan = _export_plan(family, table, source.tensor_shapes(), where, skip)
+        if kind == reward_head.REWARD:  # before writing anything: fail fast
+            reward_head.check_exportable_bias(source.read_tensor(reward_head.BIAS_KEY), where)
         hf_cfg = {"model_type": family.model_type, **base,
                   "architectures": [reward_head.hf_architecture(family.name, kind)]}
         hf_cfg.update(model_config.hf_config_updates(family, cfg))
         hf_cfg["vocab_size"] = vocab
-        dtype = tensors[family.weights[0].hf[0]].dtype  # the embedding's: the model's own dtype
-        hf_cfg["dtype"] = hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-        if kind == reward_head.REWARD:
-            reward_head.finish_hf(tensors, hf_cfg, dtype)
-        else:
-            _tie_or_untie(family, tensors, hf_cfg)
         with atomic_dir(Path(out_dir), overwrite) as tmp:
-            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            writer = _ShardWriter(tmp, max_shard_size)
+            dtype = _write_hf_weights(writer, source, plan, family, kind, geo, int(cfg["num_layers"]), hf_cfg,
+                                      where)
+            writer.finish()
+            hf_cfg["dtype"] = hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
             if assets.is_dir():
                 for item in assets.iterdir():
                     if item.is_file() and item.name != "config.json":

@@ -201,6 +201,24 @@ def read_tensor(weights_dir: Path, key: str) -> torch.Tensor:
     return target[key]
 
 
+class DistCheckpoint:
+    """Global tensors by key over a torch_dist checkpoint (the interface `legacy_ckpt.LegacyCheckpoint` shares).
+
+    Raises:
+        UserError: From `check_dist_checkpoint`, on construction.
+    """
+
+    def __init__(self, weights_dir: Path):
+        self.weights_dir = Path(weights_dir)
+        check_dist_checkpoint(self.weights_dir)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return tensor_shapes(self.weights_dir)
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        return read_tensor(self.weights_dir, key)
+
+
 def iter_tensors(weights_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yields (key, global tensor) one at a time, so export holds one stacked tensor at a time."""
     for key in sorted(tensor_shapes(weights_dir)):

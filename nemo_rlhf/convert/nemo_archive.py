@@ -15,12 +15,18 @@ produces, into a temporary file renamed into place when complete.
 Reading extracts into a temporary directory and refuses, before writing anything, absolute
 names, `..`, links, devices and FIFOs, and more bytes than the archive can hold; a truncated
 or corrupt archive is a UserError naming the file.
+
+Reading also accepts the legacy weight forms older NeMo versions (and non-distributed saves)
+wrote instead of `model_weights/`: `model_weights.ckpt` (TP=PP=1), `mp_rank_XX/model_weights.ckpt`
+(TP>1, PP=1) and `tp_rank_XX_pp_rank_XXX/model_weights.ckpt` (PP>1). As in NeMo, a legacy file
+takes precedence over `model_weights/`. `legacy_ckpt` reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -32,6 +38,10 @@ from nemo_rlhf.models.materialize import atomic_dir
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_DIR = "model_weights"
+LEGACY_FILE = "model_weights.ckpt"
+# Rank directories of the legacy forms (NeMo's inject_model_parallel_rank): TP only, or TP and PP.
+_MP_RANK = re.compile(r"mp_rank_(\d+)\Z")
+_TP_PP_RANK = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)\Z")
 HF_ASSETS = "hf_assets"
 # A gzip .nemo (older NeMo) can expand far beyond its size; refuse more than this unpacked.
 MAX_GZIP_BYTES = 1 << 40
@@ -207,12 +217,42 @@ def open_nemo(path: Path) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def legacy_rank_dirs(folder: Path) -> dict[tuple[int, int], Path]:
+    """(tp_rank, pp_rank) -> directory of every legacy rank directory in `folder`, whether or not it holds its file.
+
+    `model_weights.ckpt` at the top is rank (0, 0) of a TP=PP=1 model; `mp_rank_XX` is (XX, 0).
+    An empty dict means the model has no legacy weights.
+
+    Raises:
+        UserError: Both rank-directory forms at once, or ranks named twice (`mp_rank_1` and `mp_rank_01`).
+    """
+    folder = Path(folder)
+    found: dict[tuple[int, int], Path] = {}
+    forms = set()
+    for item in sorted(folder.iterdir()):
+        if item.is_dir() and (m := _MP_RANK.match(item.name)):
+            rank, form = (int(m.group(1)), 0), "mp_rank_XX"
+        elif item.is_dir() and (m := _TP_PP_RANK.match(item.name)):
+            rank, form = (int(m.group(1)), int(m.group(2))), "tp_rank_XX_pp_rank_XXX"
+        else:
+            continue
+        if rank in found:
+            raise UserError(f"{found[rank].name} and {item.name} name the same rank", where=str(folder),
+                            fix="remove the stray copy")
+        found[rank] = item
+        forms.add(form)
+    if (folder / LEGACY_FILE).is_file():
+        forms.add(LEGACY_FILE)
+        found.setdefault((0, 0), folder)
+    if len(forms) > 1:
+        raise UserError(f"the model holds legacy weights in several forms ({', '.join(sorted(forms))})",
+                        where=str(folder), fix="keep only the form of the model-parallel layout it was saved with")
+    return found
+
+
 def _check_layout(folder: Path, shown: Path) -> None:
     if not (folder / CONFIG_NAME).is_file():
         raise UserError(f"no {CONFIG_NAME} in the model", where=str(shown), fix="convert the model again")
-    if not (folder / WEIGHTS_DIR).is_dir():
-        legacy = (folder / "model_weights.ckpt").exists() or any(folder.glob("mp_rank_*")) \
-            or any(folder.glob("tp_rank_*"))
-        raise UserError("legacy (model_weights.ckpt) checkpoints are not supported yet" if legacy
-                        else f"no {WEIGHTS_DIR}/ in the model", where=str(shown),
+    if not (folder / WEIGHTS_DIR).is_dir() and not legacy_rank_dirs(folder):
+        raise UserError(f"no {WEIGHTS_DIR}/ (nor legacy {LEGACY_FILE}) in the model", where=str(shown),
                         fix="convert the model with `nemo-rlhf convert hf-to-nemo`")

@@ -8,7 +8,9 @@ three things:
 * `to_hf`: the inverse (the same table read backwards on export);
 * `shard`: the piece of the global tensor that tensor-parallel rank `r` of `tp` holds, which
   is what megatron-core's own loader puts into each rank (used to check our layout and to
-  explain TP errors before any process starts).
+  explain TP errors before any process starts);
+* `unshard`: the inverse of `shard`, the global tensor from the pieces of all TP ranks in rank
+  order (used to read legacy per-rank `.nemo` checkpoints).
 
 The kinds:
 
@@ -86,6 +88,18 @@ class Kind:
     def shard(self, tensor: torch.Tensor, rank: int, tp: int, geo: Geometry) -> torch.Tensor:
         return tensor
 
+    def unshard(self, parts: Sequence[torch.Tensor], geo: Geometry) -> torch.Tensor:
+        """The global tensor from every TP rank's piece, in rank order (the inverse of `shard`).
+
+        Replicated: every rank must hold the same tensor (meta tensors are compared by shape only).
+        """
+        first = parts[0]
+        for rank, part in enumerate(parts[1:], start=1):
+            if part.shape != first.shape or (not part.is_meta and not torch.equal(part, first)):
+                raise UserError(f"TP rank {rank} holds a different copy of a replicated tensor than rank 0",
+                                fix="the per-rank checkpoint files do not come from one model: copy them again")
+        return first
+
 
 class Column(Kind):
     """Column-parallel linear: output features (dim 0) split in equal blocks."""
@@ -96,6 +110,9 @@ class Column(Kind):
         block = _split_evenly(tensor.shape[0], tp, "dimension 0", "choose a TP size that divides it")
         return tensor[rank * block:(rank + 1) * block]
 
+    def unshard(self, parts, geo):
+        return torch.cat(list(parts), dim=0)
+
 
 class Row(Kind):
     """Row-parallel linear: input features (dim 1) split in equal blocks."""
@@ -105,6 +122,9 @@ class Row(Kind):
     def shard(self, tensor, rank, tp, geo):
         block = _split_evenly(tensor.shape[1], tp, "dimension 1", "choose a TP size that divides it")
         return tensor[:, rank * block:(rank + 1) * block]
+
+    def unshard(self, parts, geo):
+        return torch.cat(list(parts), dim=1)
 
 
 class Vocab(Column):
@@ -182,6 +202,9 @@ class Qkv(Kind):
         rows = groups * (geo.heads_per_group + 2) * geo.head_dim
         return tensor[rank * rows:(rank + 1) * rows]
 
+    def unshard(self, parts, geo):
+        return torch.cat(list(parts), dim=0)  # each rank holds a contiguous block of whole groups
+
     @staticmethod
     def _check(q, k, v, geo):
         d = geo.head_dim
@@ -219,6 +242,10 @@ class GatedMlp(Kind):
                               "choose a TP size that divides ffn_hidden_size")
         part = slice(rank * block, (rank + 1) * block)
         return torch.cat([gate[part], up[part]])
+
+    def unshard(self, parts, geo):
+        halves = [part.chunk(2) for part in parts]  # rank r: cat(gate_r, up_r)
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
 
 
 REPLICATED = Kind()
