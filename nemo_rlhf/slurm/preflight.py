@@ -16,6 +16,7 @@ from nemo_rlhf.spec.architectures import ModelDims, model_dims
 from nemo_rlhf.spec.schema import PipelineSpec
 
 STAGES = ("sft", "rm", "ppo", "critic")
+WASTE_HEADROOM = 0.9  # "fits without PP" means within 90% of the GPU memory
 STAGE_TITLES = {"sft": "SFT", "rm": "reward model", "ppo": "PPO actor", "critic": "PPO critic + RM server"}
 
 
@@ -249,7 +250,8 @@ def check_memory(ctx: Context) -> None:
                           "activations_checkpoint=full")
         if lay.pp > 1 and all(e.total <= limit for e in estimates):
             flat = lay.parallelism(pp=1, vpp=1, dp=lay.dp * lay.pp)
-            if all(e.total <= limit for e in _estimates(ctx, lay, flat)):
+            # Only when it fits comfortably: an estimate within 10% of the limit is no reason to drop PP.
+            if all(e.total <= WASTE_HEADROOM * limit for e in _estimates(ctx, lay, flat)):
                 ctx.warn(f"{lay.key}.pp", f"the model fits at TP {lay.tp} without pipeline parallelism "
                          f"(PP 1, DP {lay.dp * lay.pp}); PP {lay.pp} only adds pipeline bubbles",
                          f"set {lay.key}.pp=1")
