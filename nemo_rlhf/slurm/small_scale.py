@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Sequence
 
 from nemo_rlhf.errors import UserError
-from nemo_rlhf.pipeline.stages import STAGE_NAMES
 from nemo_rlhf.slurm.stages import RenderedStage
 from nemo_rlhf.spec.schema import PipelineSpec
 
@@ -128,6 +127,8 @@ def render_small_scale(
         refuse_control_chars(override, "override")
     refuse_log_path_patterns(Path(values["run_dir"]))
     directives = _cluster_directives(spec)
+    from nemo_rlhf.pipeline.stages import STAGE_NAMES  # imports torch and TRL (~5 s): only past the checks
+
     run_dir, script_dir = Path(values["run_dir"]), Path(script_dir)
     (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     script_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,196 @@
+"""The tiny pipeline as a SLURM job DAG on the real local cluster (slurm/local/): no mocked sbatch.
+
+Two DAGs run side by side (the cluster has two fake nodes): one in a run directory whose name
+is full of shell syntax runs straight to completion; in the other the `rm` stage fails because
+its data file is corrupted after submission, which leaves `ppo` and `eval` unrun until `resume`
+(after the file is repaired) finishes the pipeline without redoing `base` and `sft`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_rlhf.slurm.dag import dag_status
+from tests.helpers import REPO, TINY, cli
+
+STAGES = ("base", "sft", "rm", "ppo", "eval")
+# The tiny recipe made smaller still: each stage is one SLURM job that imports torch and TRL.
+FAST = [
+    "sft.max_steps=1",
+    "rm.max_steps=1",
+    "rm.eval_pairs=4",
+    "ppo.total_episodes=4",
+    "eval.max_new_tokens=8",
+    "eval.num_samples=1",
+    "data.eval.gsm8k_num=2",
+    "data.eval.hh_num=2",
+]
+HOSTILE = "run 'q' \"dq\" $(touch pwned) `touch pwned2`; x & y"
+TIMEOUT_S = 420
+
+
+def wait_until_settled(run_dir: Path, timeout: float = TIMEOUT_S) -> list:
+    """Poll the DAG until no stage is queued or running, except stages blocked behind a failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = dag_status(run_dir, tail=0)
+        if all(s.state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") or s.blocked for s in statuses):
+            return statuses
+        if time.monotonic() > deadline:
+            pytest.fail(f"DAG in {run_dir} not settled after {timeout} s: {[(s.name, s.state) for s in statuses]}")
+        time.sleep(2)
+
+
+def status_json(run_dir: Path) -> dict:
+    return json.loads(cli("slurm", "status", str(run_dir), "--json", check=True).stdout)
+
+
+def stage_fingerprints(run_dir: Path, stages) -> dict:
+    """Each stage's manifest bytes and mtime: a stage that ran again changes both."""
+    return {
+        s: ((run_dir / s / "manifest.json").read_bytes(), (run_dir / s / "manifest.json").stat().st_mtime_ns)
+        for s in stages
+    }
+
+
+@pytest.fixture(scope="module")
+def dags(slurm_cluster, tmp_path_factory):
+    """Submit both DAGs at once and wait for both to settle (~2-3 minutes on 2 cores)."""
+    root = tmp_path_factory.mktemp("slurm dag")
+    good = root / HOSTILE
+    preference = root / "data" / "pref.jsonl.gz"
+    preference.parent.mkdir()
+    from nemo_rlhf.spec.loader import load_spec
+    from nemo_rlhf.spec.paths import data_path, data_root
+
+    spec = load_spec(TINY)
+    original = data_path(data_root(spec.data.root), spec.data.preference.path)
+    shutil.copy(original, preference)
+    bad = root / "failing"
+    start = time.monotonic()
+    submitted = cli("slurm", "submit", str(TINY), "--out", str(good), *FAST, check=True)
+    cli("slurm", "submit", str(TINY), "--out", str(bad), *FAST, f"data.preference.path={preference}", check=True)
+    # Corrupted after submission (the spec was valid): only rm, ppo and eval read this file.
+    preference.write_bytes(b"this is not gzip\n")
+    good_states = wait_until_settled(good)
+    bad_states = wait_until_settled(bad)
+    print(f"both DAGs settled in {time.monotonic() - start:.0f} s")
+    return {
+        "root": root,
+        "good": good,
+        "bad": bad,
+        "preference": preference,
+        "original": original,
+        "submitted": submitted,
+        "good_states": good_states,
+        "bad_states": bad_states,
+    }
+
+
+def test_dag_runs_to_completion_in_a_hostile_run_dir(dags):
+    good = dags["good"]
+    assert [(s.name, s.state) for s in dags["good_states"]] == [(s, "COMPLETED") for s in STAGES]
+    for stage in STAGES:
+        assert (good / stage / "manifest.json").is_file(), stage
+        assert f"stage {stage}: job" in (good / "slurm" / "logs" / f"{stage}.out").read_text()
+    jobs = json.loads((good / "slurm" / "jobs.json").read_text())
+    assert [s["name"] for s in jobs["stages"]] == list(STAGES)
+    assert [s["after"] for s in jobs["stages"]] == [[], ["base"], ["sft"], ["rm"], ["ppo"]]
+    assert all(s["stdout"] == str(good / "slurm" / "logs" / f"{s['name']}.out") for s in jobs["stages"])
+    # The quoted $(...) and backticks ran nowhere: not in the job's working dir, not beside the run dir.
+    for where in (REPO, dags["root"], good, good / "slurm", Path.cwd()):
+        assert not (where / "pwned").exists() and not (where / "pwned2").exists(), where
+    status = status_json(good)
+    assert status["failed"] == []
+    assert all(row["state"] == "COMPLETED" and row["finished"] for row in status["stages"])
+    assert all(row["elapsed"] and row["stdout"].endswith(".out") for row in status["stages"])
+
+
+def test_failed_stage_leaves_successors_unrun_and_status_says_why(dags):
+    bad = dags["bad"]
+    states = {s.name: s for s in dags["bad_states"]}
+    assert [states[s].state for s in ("base", "sft", "rm")] == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert states["ppo"].blocked and states["eval"].blocked
+    assert not (bad / "rm").exists() and not (bad / "ppo").exists() and not (bad / "eval").exists()
+    status = status_json(bad)
+    assert status["failed"] == ["rm"]
+    rows = {row["name"]: row for row in status["stages"]}
+    assert rows["rm"]["state"] == "FAILED" and rows["rm"]["failed"]
+    tail = "\n".join(rows["rm"]["log_tail"])
+    assert "pref.jsonl.gz" in tail or "gzip" in tail.lower(), tail
+    assert rows["ppo"]["state"] == "PENDING" and rows["ppo"]["reason"] == "DependencyNeverSatisfied"
+    assert rows["ppo"]["blocked"] and not rows["ppo"]["log_tail"]
+    text = cli("slurm", "status", str(bad), check=True).stdout
+    assert "failed: rm" in text and "slurm resume" in text
+
+
+def test_resume_finishes_without_redoing_finished_stages(dags):
+    bad = dags["bad"]
+    before = stage_fingerprints(bad, ("base", "sft"))
+    old_ids = {s.name: s.job_id for s in dags["bad_states"]}
+    shutil.copy(dags["original"], dags["preference"])  # the user repairs the data file
+    out = cli("slurm", "resume", str(bad), check=True).stdout
+    assert "resubmitted rm, ppo, eval; kept finished: base, sft" in out, out
+    states = wait_until_settled(bad)
+    assert [(s.name, s.state) for s in states] == [(s, "COMPLETED") for s in STAGES]
+    assert stage_fingerprints(bad, ("base", "sft")) == before
+    jobs = {s["name"]: s for s in json.loads((bad / "slurm" / "jobs.json").read_text())["stages"]}
+    assert jobs["base"]["job_id"] == old_ids["base"] and jobs["sft"]["job_id"] == old_ids["sft"]
+    for stage in ("rm", "ppo", "eval"):
+        assert jobs[stage]["job_id"] != old_ids[stage] and jobs[stage]["earlier_jobs"] == [old_ids[stage]]
+        assert (bad / stage / "manifest.json").is_file()
+    # The resubmitted rm job appended to the failed attempt's log (--open-mode=append).
+    assert (bad / "slurm" / "logs" / "rm.out").read_text().count("stage rm: job") == 2
+    assert "every stage has finished" in cli("slurm", "resume", str(bad), check=True).stdout
+    # The original blocked jobs were cancelled, not left pending forever.
+    for stage in ("ppo", "eval"):
+        proc = subprocess.run(["scontrol", "show", "job", "-o", old_ids[stage]], capture_output=True, text=True)
+        assert "JobState=CANCELLED" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("name", ["new\nline", "tab\there", "bell\x07"])
+def test_control_characters_in_paths_are_refused(tmp_path, name):
+    proc = cli("slurm", "render", str(TINY), "--out", str(tmp_path / name))
+    assert proc.returncode == 2, proc.stderr
+    assert "newline or control character" in proc.stderr and "fix:" in proc.stderr
+    assert not (tmp_path / name).exists()
+
+
+def test_render_quotes_hostile_paths_for_sbatch(slurm_cluster, tmp_path):
+    out = tmp_path / HOSTILE
+    cli("slurm", "render", str(TINY), "--out", str(out), "ppo.kl_coef=0.02", check=True)
+    for stage in STAGES:
+        script = out / f"{stage}.sbatch"
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        proc = subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True)
+        assert "to start at" in proc.stderr, proc.stderr
+        assert "--requeue" in script.read_text() and "--open-mode=append" in script.read_text()
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+
+
+def test_percent_in_run_dir_is_refused(tmp_path):
+    proc = cli("slurm", "render", str(TINY), "--out", str(tmp_path / "run%j"))
+    assert proc.returncode == 2 and "'%'" in proc.stderr, proc.stderr
+
+
+def test_clear_errors_without_sbatch_or_without_jobs(tmp_path):
+    proc = cli("slurm", "status", str(tmp_path))
+    assert proc.returncode == 2 and "no SLURM jobs recorded" in proc.stderr
+    env_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "sbatch").exists())
+    proc = subprocess.run(
+        [sys.executable, "-m", "nemo_rlhf", "slurm", "submit", str(TINY), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": env_path},
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "`sbatch` is not on PATH" in proc.stderr and "slurm/local/start.sh" in proc.stderr
