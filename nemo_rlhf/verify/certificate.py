@@ -193,6 +193,19 @@ def megatron_path(explicit: str | Path | None = None) -> str | None:
     return path
 
 
+def installed_megatron_version(megatron_dir: str | None = None) -> str:
+    """The megatron-core version the workers import (from package metadata, without importing it)."""
+    from importlib.metadata import PackageNotFoundError, distributions, version
+
+    if megatron_dir:
+        found = [d.version for d in distributions(path=[megatron_dir]) if d.metadata["Name"] == "megatron-core"]
+        return found[0] if found else ""
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:
+        return ""
+
+
 def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, pp: int,
                  timeout: int = 900, dump_dir: Path | None = None,
                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
@@ -237,7 +250,7 @@ def run_workers(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, 
         errors = sorted(Path(tmp).glob("logits.safetensors.rank*.error"))
         tail = errors[0].read_text(encoding="utf-8") if errors else (proc.stdout + proc.stderr)[-3000:]
         if proc.returncode != 0 or not out.is_file():
-            return None, tail, ""
+            return None, tail, installed_megatron_version(megatron_dir)
         with safe_open(str(out), "pt") as f:  # the version the workers really imported
             version = (f.metadata() or {}).get("megatron_core", "")
             result = f.get_tensor("rewards" if lengths is not None else "logits")

@@ -10,7 +10,8 @@ shown necessary on this project's machines, see shared/FACTS.md):
 1. RNG: its tracker forks CUDA generator states -> a tracker over CPU generator states;
 2. `torch.cuda.current_device()` as a device argument (rotary tables, TP gathers, p2p) -> cpu;
 3. literal `device="cuda"` in tensor factories (pipeline schedules, default causal mask) -> cpu;
-4. `torch.cuda.synchronize()` in pipeline p2p communication -> no-op.
+4. `torch.cuda.synchronize()` in pipeline p2p communication -> no-op;
+5. `tensor.cuda()` in megatron-core 0.10's pipeline schedule (a token counter) -> the tensor itself.
 
 Apply (3) only after any Hugging Face model is loaded: with it active, HF's rotary inv_freq
 buffer is left uninitialised and logits are silently wrong.
@@ -106,6 +107,7 @@ def apply_cpu_shims() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     for name in _FACTORIES:
         setattr(torch, name, _factory_on_cpu(getattr(torch, name)))
     _APPLIED = True
