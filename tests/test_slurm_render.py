@@ -1,0 +1,189 @@
+"""Large-scale rendering: configs checked key by key against the real upstream YAMLs, quoted scripts,
+the PPO heterogeneous job, and `sbatch --test-only` on the local SLURM cluster."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nemo_rlhf.errors import UserError
+from nemo_rlhf.slurm import aligner_config
+from nemo_rlhf.slurm.render import render_pipeline
+from nemo_rlhf.spec.loader import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*-cluster.yaml"))
+SHARED = REPO.parent / "shared" / "reference"
+UPSTREAM = SHARED / "nemo-aligner-v0.7.0" / "conf"
+HOSTILE = "we ird $(touch PWNED) `id`; 'q' \"dq\" & | > <"
+# The local test cluster: 2 nodes x 2 fake GPUs, partition debug, no accounts.
+LOCAL_CLUSTER = ["cluster.partition=debug", "cluster.account=null", "cluster.gpus_per_node=2",
+                 "parallel.critic.inference_micro_batch_size=1", "parallel.ppo.rollout_micro_batch_size=8"]
+
+
+def upstream_key_problems(config_file: Path, config: str) -> list[str]:
+    """Rendered keys that neither the NeMo-Aligner YAML nor NeMo's model config (for model.*) has.
+
+    Read from ../shared/reference (the untouched upstream files, not our shipped copies). A key may
+    hold a mapping where upstream has a scalar slot (data_prefix: null), so a key passes when it or
+    its closest existing ancestor is upstream."""
+    allowed = aligner_config.upstream_keys(config, reference_dir=_upstream_dir())
+    rendered = aligner_config.leaf_keys(yaml.safe_load(config_file.read_text()))
+    problems = []
+    for key in sorted(rendered):
+        parts = key.split(".")
+        ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        if not any(a in allowed for a in ancestors[:1]) and not _scalar_slot(ancestors, allowed, config):
+            problems.append(key)
+    return problems
+
+
+def _scalar_slot(ancestors: list[str], allowed: set[str], config: str) -> bool:
+    upstream = yaml.safe_load((_upstream_dir() / aligner_config.CONFIG_FILES[config]).read_text())
+    for key in ancestors[1:]:
+        if key in allowed:
+            node = upstream
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            return node is None or not isinstance(node, dict)
+    return False
+
+
+def _upstream_dir() -> Path:
+    """The shared upstream files laid out as aligner_config expects (configs + megatron_gpt_config.yaml)."""
+    return _upstream_dir.cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def upstream_reference(tmp_path_factory):
+    if not UPSTREAM.is_dir():
+        pytest.skip("../shared/reference (the real NeMo-Aligner configs) is not here")
+    folder = tmp_path_factory.mktemp("upstream")
+    for name in aligner_config.CONFIG_FILES.values():
+        shutil.copy(UPSTREAM / name, folder / name)
+    shutil.copy(SHARED / "nemo-v2.1.0" / "conf" / aligner_config.MODEL_CONFIG_FILE, folder)
+    _upstream_dir.cache = folder
+    return folder
+
+
+def test_shipped_reference_files_are_the_upstream_ones(upstream_reference):
+    for name in [*aligner_config.CONFIG_FILES.values(), aligner_config.MODEL_CONFIG_FILE]:
+        assert (aligner_config.REFERENCE_DIR / name).read_bytes() == (upstream_reference / name).read_bytes()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_rendered_key_exists_upstream(recipe, tmp_path):
+    stages = render_pipeline(load_spec(recipe), tmp_path)
+    assert [s.name for s in stages] == ["convert", "sft", "rm", "ppo", "export", "eval"]
+    assert [s.after for s in stages] == [(), ("convert",), ("sft",), ("rm",), ("ppo",), ("export",)]
+    for config in aligner_config.CONFIG_FILES:
+        path = tmp_path / "configs" / f"{config}.yaml"
+        assert upstream_key_problems(path, config) == [], config
+    for stage in stages:
+        assert subprocess.run(["bash", "-n", str(stage.script)], capture_output=True).returncode == 0
+
+
+def test_a_bogus_key_is_caught(tmp_path):
+    render_pipeline(load_spec(RECIPES[0]), tmp_path)
+    path = tmp_path / "configs" / "ppo_actor.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["model"]["ppo"]["kl_penalty_typo"] = 0.1
+    data["trainer"]["ppo"]["bogus"] = {"deep": 1}
+    path.write_text(yaml.safe_dump(data))
+    assert upstream_key_problems(path, "ppo_actor") == ["model.ppo.kl_penalty_typo", "trainer.ppo.bogus.deep"]
+
+
+def test_build_config_refuses_a_key_upstream_lacks(monkeypatch, tmp_path):
+    from nemo_rlhf.slurm import render
+
+    real = aligner_config.nemo_settings
+    monkeypatch.setattr(aligner_config, "nemo_settings", lambda spec, c: {**real(spec, c), "model.ppo.klcoef": 1})
+    with pytest.raises(aligner_config.UpstreamKeyError, match="model.ppo.klcoef"):
+        render.render_pipeline(load_spec(RECIPES[0]), tmp_path)
+
+
+def test_hyperparameters_land_on_nemo_keys(tmp_path):
+    spec = load_spec(REPO / "recipes" / "llama3-8b-cluster.yaml", ["ppo.kl_coef=0.03", "ppo.clip_ratio=0.15"])
+    render_pipeline(spec, tmp_path)
+    actor = yaml.safe_load((tmp_path / "configs" / "ppo_actor.yaml").read_text())
+    critic = yaml.safe_load((tmp_path / "configs" / "ppo_critic.yaml").read_text())
+    assert actor["trainer"]["ppo"]["initial_policy_kl_penalty"] == 0.03
+    assert actor["trainer"]["ppo"]["use_absolute_kl"] is False
+    assert actor["model"]["ppo"]["ratio_eps"] == 0.15
+    assert actor["model"]["ppo"]["num_rollout_samples"] == 512 and actor["trainer"]["ppo"]["max_steps"] == 40
+    assert actor["model"]["tensor_model_parallel_size"] == 4 and actor["trainer"]["num_nodes"] == 2
+    assert critic["trainer"]["ppo"]["port"] == actor["remote_critic_rm"]["critic"]["port"] == 5567
+    assert actor["pretrained_checkpoint"]["restore_from_path"].endswith("sft/results/checkpoints/sft.nemo")
+    assert critic["pretrained_checkpoint"]["restore_from_path"].endswith("rm/results/checkpoints/rm.nemo")
+
+
+def test_ppo_is_one_heterogeneous_job_with_two_groups(tmp_path):
+    render_pipeline(load_spec(REPO / "recipes" / "llama3-8b-cluster.yaml"), tmp_path)
+    text = (tmp_path / "ppo.sbatch").read_text()
+    assert text.count("#SBATCH hetjob") == 1
+    groups = text.split("#SBATCH hetjob")
+    assert "#SBATCH --nodes=1" in groups[0] and "#SBATCH --nodes=2" in groups[1]  # critic 1 node, actor 2
+    assert "--het-group=0" in text and "--het-group=1" in text
+    commands = [line for line in text.splitlines() if not line.startswith("#")]
+    critic_line = next(line for line in commands if "serve_ppo_critic.py" in line)
+    actor_line = next(line for line in commands if "train_gpt_ppo_actor.py" in line)
+    assert critic_line.endswith("&") and actor_line.endswith("&")
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" | head -n1' in text
+    assert '"remote_critic_rm.critic.ip=${host_critic}"' in actor_line
+    assert "export NCCL_ALGO=Tree" in text and 'wait "$actor_pid"' in text and 'wait "$critic_pid"' in text
+
+
+def _words(script: Path) -> list[str]:
+    """Every shell word of a script's commands (continuation lines joined), parsed like bash would."""
+    body = script.read_text().replace("\\\n", " ")
+    return [w for line in body.splitlines() if line and not line.startswith("#") for w in shlex.split(line)]
+
+
+def test_hostile_strings_are_quoted(tmp_path):
+    out = tmp_path / HOSTILE
+    spec = load_spec(RECIPES[0], [f"model.path=/m/{HOSTILE}", f"cluster.aligner_repo=/opt/{HOSTILE}",
+                                  f"cluster.container_image=img{HOSTILE}"])
+    spec.cluster.mounts = [f"/a {HOSTILE}:/b"]
+    render_pipeline(spec, out)
+    for script in out.glob("*.sbatch"):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
+    convert = _words(out / "convert.sbatch")
+    assert f"/m/{HOSTILE}" in convert and f"--container-image=img{HOSTILE}" in convert
+    assert f"--container-mounts=/a {HOSTILE}:/b,{out}:{out}" in convert
+    sft = _words(out / "sft.sbatch")
+    assert f"/opt/{HOSTILE}" in sft and f"--config-path={out}/configs" in sft
+    directive = next(line for line in (out / "sft.sbatch").read_text().splitlines()
+                     if line.startswith("#SBATCH --output="))
+    assert shlex.split(directive.removeprefix("#SBATCH --output="))[0] == f"{out}/logs/sft.out"
+    assert not Path("PWNED").exists() and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("override", ["model.path=/a\nb", "cluster.container_image=img\tx",
+                                      "cluster.aligner_repo=/opt/\x1b[0m"])
+def test_control_characters_refused(override, tmp_path):
+    key, _, value = override.partition("=")
+    spec = load_spec(RECIPES[0])
+    section, field = key.split(".")
+    setattr(getattr(spec, section), field, value)
+    with pytest.raises(UserError, match=key.replace(".", r"\.") + ": contains a newline or control character"):
+        render_pipeline(spec, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_small_scale_spec_refused(tmp_path):
+    with pytest.raises(UserError, match="scale is 'small'"):
+        render_pipeline(load_spec(REPO / "recipes" / "tiny-cpu.yaml"), tmp_path)
+
+
+def test_sbatch_test_only_accepts_every_script(slurm_cluster, tmp_path):
+    """Every rendered script, GPU requests and the PPO het job included, on the real local SLURM."""
+    spec = load_spec(REPO / "recipes" / "smollm2-360m-cluster.yaml", LOCAL_CLUSTER)
+    for stage in render_pipeline(spec, tmp_path / HOSTILE):
+        proc = subprocess.run(["sbatch", "--test-only", str(stage.script)], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 0 and "to start at" in proc.stderr, (stage.name, proc.stderr)
