@@ -38,14 +38,20 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class _HfWeights:
-    """Name -> tensor view over an HF directory's safetensors files (memory-mapped), tracking use."""
+    """Name -> tensor view over an HF directory's safetensors files (memory-mapped), tracking use.
+
+    Shapes and dtypes come from the headers. Each tensor is read through a handle opened for
+    that read only: a handle keeps every page it touched mapped (and counted in the process's
+    RSS) until it is closed, so one long-lived handle would end up mapping the whole checkpoint.
+    """
 
     def __init__(self, hf_dir: Path):
         index = hf_dir / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
             else ["model.safetensors"]
-        self._handles = [safe_open(str(hf_dir / f), "pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._handles = {str(hf_dir / f): safe_open(str(hf_dir / f), "pt") for f in files}
+        self._where = {k: h for h in self._handles.values() for k in h.keys()}
+        self._file = {k: path for path, h in self._handles.items() for k in h.keys()}
         self.used: set[str] = set()
 
     def keys(self) -> list[str]:
@@ -65,7 +71,8 @@ class _HfWeights:
 
     def get(self, key: str) -> torch.Tensor:
         self.used.add(key)
-        return self._where[key].get_tensor(key)
+        with safe_open(self._file[key], "pt") as handle:
+            return handle.get_tensor(key)
 
 
 @dataclass
@@ -122,11 +129,10 @@ def _plan_tensors(family: FamilySpec, rows: tuple[WeightEntry, ...], weights: _H
         shape = entry.kind.megatron_shape([weights.shape(n) for n in per_layer[0]], geo)
         full = (num_layers, *shape) if entry.stacked else shape
 
-        def produce(entry=entry, per_layer=per_layer):
-            parts = [entry.kind.to_megatron([weights.get(n) for n in names], geo) for names in per_layer]
-            return torch.stack(parts) if entry.stacked else parts[0]
+        def produce(layer=0, entry=entry, per_layer=per_layer):
+            return entry.kind.to_megatron([weights.get(n) for n in per_layer[layer]], geo)
 
-        plan[PREFIX + entry.megatron] = dist_ckpt.LazyTensor(full, dtype, produce)
+        plan[PREFIX + entry.megatron] = dist_ckpt.LazyTensor(full, dtype, produce, stacked=entry.stacked)
     if missing:
         raise UserError(f"{len(missing)} tensors the {family.name} table needs are missing: {missing[:8]}",
                         where=where, fix="the checkpoint is incomplete or config.json disagrees with it")

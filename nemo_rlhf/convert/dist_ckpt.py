@@ -5,15 +5,17 @@ On disk (what megatron-core's `dist_checkpointing.save` writes, and what its `lo
 * `metadata.json`: exactly the four keys of megatron's CheckpointingConfig (an extra key
   breaks megatron-core 0.10's loader, the one inside NeMo-Aligner 0.7.0's container);
 * `common.pt`: `torch.save({})`; NeMo keeps nothing but weights there;
-* `.metadata` + `__0_<i>.distcp` (one file per item): a torch.distributed.checkpoint holding every tensor with its
-  GLOBAL shape (stacked layers: one [num_layers, ...] tensor per weight), so any TP/PP layout
-  can load it, plus the `_extra_state` objects as `<key>/shard_<offset>_<shape>` byte items
+* `.metadata` + `__0_0.distcp`: a torch.distributed.checkpoint holding every tensor with its
+  GLOBAL shape (stacked layers: one [num_layers, ...] tensor per weight, stored as one chunk
+  per layer, as megatron writes it when each pipeline stage holds one layer), so any TP/PP
+  layout can load it, plus the `_extra_state` objects as `<key>/shard_<offset>_<shape>` byte items
   whose content is `torch.save([None])`, exactly what megatron writes for a ShardedObject whose
   data is None.
 
 Writing goes through plain `torch.distributed.checkpoint.save` with no process group. Tensors
-are produced lazily: the planner sees shape-only (meta) tensors, and each real tensor is built
-only when the writer asks for it, so at most one stacked tensor is in memory at a time.
+are produced lazily: the planner sees shape-only (meta) tensors, and each chunk (one layer of a
+stacked weight, or a whole unstacked tensor) is built only when the writer asks for it, so
+about one layer is in memory at a time (bench/bench_convert.py measures it).
 
 Reading never unpickles arbitrary objects: `.metadata` goes through an allow-list unpickler,
 tensors through torch.load(weights_only=True) (DCP's own tensor path), and byte items
@@ -23,6 +25,7 @@ tensors through torch.load(weights_only=True) (DCP's own tensor path), and byte 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pickle
 import warnings
@@ -33,7 +36,13 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from nemo_rlhf.errors import UserError
 
@@ -57,11 +66,20 @@ _SAFE_GLOBALS = {
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor to write, known by shape and dtype, produced only when the writer needs it."""
+    """A tensor to write, known by shape and dtype, produced only when the writer needs it.
+
+    Attributes:
+        shape: Global shape (stacked weights: [num_layers, ...]).
+        dtype: Stored dtype.
+        produce: `produce()` returns the whole tensor; for a stacked tensor `produce(layer)`
+            returns one layer (shape[1:]).
+        stacked: The first axis is the layer axis; each layer is written as its own chunk.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[..., torch.Tensor]
+    stacked: bool = False
 
 
 @contextlib.contextmanager
@@ -78,21 +96,66 @@ def extra_state_key(key: str, offset: int, num: int) -> str:
 
 
 class _LazySavePlanner(DefaultSavePlanner):
-    """Plans on shape-only tensors and asks the producers for the data at write time."""
+    """Plans on shape-only tensors, one chunk per layer of a stacked tensor, and asks the producers at write time.
+
+    One chunk per layer is the layout megatron itself writes when each pipeline stage holds one
+    layer (every rank saves its own slice of the stacked tensor), so any loader reads it; it
+    lets the converter hold one layer in memory instead of the whole stack.
+    """
 
     def __init__(self, lazy: dict[str, LazyTensor]):
         super().__init__()
         self._lazy = lazy
+        self._previous: torch.Tensor | None = None
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        items = []
+        for item in plan.items:
+            spec = self._lazy.get(item.index.fqn)
+            items += _layer_items(item, spec.shape[0]) if spec is not None and spec.stacked else [item]
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def release_previous(self) -> None:
+        """Frees the storage of the tensor handed out last, which the writer has finished with.
+
+        torch's serial writer asks for item N+1 from inside `for tensor, item in loader` while
+        its loop variable still holds item N; without this two neighbouring items would be in
+        memory together.
+        """
+        if self._previous is not None and self._previous.untyped_storage().resizable():
+            self._previous.untyped_storage().resize_(0)  # storages of safetensors' buffers are not resizable
+        self._previous = None
 
     def resolve_data(self, write_item):
+        self.release_previous()
         fqn = write_item.index.fqn
         if fqn not in self._lazy:
             return super().resolve_data(write_item)
         spec = self._lazy[fqn]
-        tensor = spec.produce().to(spec.dtype).contiguous()
-        if tuple(tensor.shape) != tuple(spec.shape):
-            raise RuntimeError(f"{fqn}: produced shape {tuple(tensor.shape)}, planned {spec.shape}")
+        if spec.stacked:
+            tensor = spec.produce(write_item.index.offset[0]).to(spec.dtype).unsqueeze(0)
+        else:
+            tensor = spec.produce().to(spec.dtype)
+        tensor = tensor.contiguous()
+        if tuple(tensor.shape) != tuple(write_item.tensor_data.chunk.sizes):
+            raise RuntimeError(f"{fqn}: produced shape {tuple(tensor.shape)}, "
+                               f"planned {tuple(write_item.tensor_data.chunk.sizes)}")
+        self._previous = tensor
         return tensor
+
+
+def _layer_items(item: WriteItem, num_layers: int) -> list[WriteItem]:
+    """Splits the write item of a whole stacked tensor into one shard item per layer."""
+    size = item.tensor_data.size
+    items = []
+    for layer in range(num_layers):
+        offsets = torch.Size([layer] + [0] * (len(size) - 1))
+        chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([1, *size[1:]]))
+        items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
+                               tensor_data=dataclasses.replace(item.tensor_data, chunk=chunk)))
+    return items
 
 
 def write_dist_checkpoint(out_dir: Path, tensors: dict[str, LazyTensor], objects: list[str]) -> None:
@@ -108,11 +171,11 @@ def write_dist_checkpoint(out_dir: Path, tensors: dict[str, LazyTensor], objects
     state: dict[str, object] = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
     for key in objects:
         state[key] = [None]  # DCP torch.saves it: the same bytes megatron writes for data=None
-    # One file per item: torch's writer keeps every tensor of a file alive until the file is
-    # closed, so a single file would hold the whole model in memory at once.
-    writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
+    writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, sync_files=False)
+    planner = _LazySavePlanner(tensors)
     with _single_process():
-        dcp.save(state, storage_writer=writer, planner=_LazySavePlanner(tensors), no_dist=True)
+        dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+    planner.release_previous()
     (out_dir / "metadata.json").write_text(json.dumps(METADATA_JSON), encoding="utf-8")
     torch.save({}, out_dir / "common.pt")
 
