@@ -271,7 +271,15 @@ def _hf_tensors_of(source, key: str, entry: WeightEntry, geo: Geometry, num_laye
     for layer in range(num_layers) if entry.stacked else [None]:
         parts = entry.kind.to_hf(tensor[layer] if layer is not None else tensor, geo)
         for i, part in enumerate(parts):
-            yield entry.hf_name(i, layer), part.clone()  # own storage: no view keeps the stack alive
+            yield entry.hf_name(i, layer), _owned(part)
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor if it is all of its storage, else a copy: a view would keep the whole stacked
+    tensor alive while its shard waits, and safetensors refuses tensors that share storage."""
+    whole = tensor.storage_offset() == 0 and tensor.is_contiguous() and \
+        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole else tensor.clone()
 
 
 def _reader_of(source, plan: dict[str, WeightEntry], hf_name: str, geo: Geometry, num_layers: int,
