@@ -160,9 +160,12 @@ def test_certificate_passes_at_every_layout(hf_dir, nemo_file):
         start = time.monotonic()
         cert = verify_conversion(hf_dir, nemo_file, tp=tp, pp=pp)
         print(f"GPT-NeoX TP={tp} PP={pp}: max |diff| {cert.max_abs_logit_diff}, KL {cert.mean_kl}, "
-              f"{time.monotonic() - start:.1f} s")
+              f"NeMo 2.1 Falcon layer {cert.nemo21_falcon_max_abs_diff}, {time.monotonic() - start:.1f} s")
         assert cert.error is None and cert.passed, (tp, pp, cert.error)
         assert cert.max_abs_logit_diff <= 1e-4 and cert.top1_agreement == 1.0 and cert.num_tokens > 50
+        # NeMo 2.1's Falcon layer drops the linear_proj / linear_fc2 biases: reported, and (with
+        # these random biases) far from HF. The known gap of docs/nemo-format-notes.md.
+        assert cert.nemo21_falcon_max_abs_diff > 0.1
 
 
 def _kv_q_order(hf, geo):

@@ -4,11 +4,16 @@
    MLP and the vocabulary; PP must divide the layers): torchrun would turn our exit code 2
    into 1, and a user error deserves its own message.
 2. The prompts (GSM8K questions) are tokenized with the HF tokenizer; HF transformers gives
-   the reference logits in this process.
+   the reference logits in this process, in float32.
 3. `torchrun` starts TP*PP gloo processes (`megatron_worker`), in which megatron-core builds
    its GPTModel from model_config.yaml and loads the weights with its own dist_checkpointing.
-4. Logits are compared on every real (unpadded) position over the HF vocabulary: max and mean
-   |difference|, mean KL(HF || NeMo), greedy next-token agreement.
+   They report the megatron-core version that ran and the dtype the checkpoint stores.
+4. When that dtype is narrower than float32, the HF reference is recomputed from its weights
+   rounded to it, so both sides compute in float32 from the same values (see
+   RELATIVE_TOLERANCE); how much the rounding itself moved the model is reported apart.
+5. Logits are compared on every real (unpadded) position over the HF vocabulary: max and mean
+   |difference|, mean KL(HF || NeMo), greedy next-token agreement. For a GPT-NeoX model the
+   distance of NeMo 2.1's own Falcon layer from HF is reported too (see parallel_residual).
 
 A reward model (model_config.yaml with `reward_model_type`) is compared on its rewards
 instead: HF's `*ForSequenceClassification` against megatron-core's GPTModel with NeMo-Aligner's
@@ -35,7 +40,32 @@ from nemo_rlhf.models.materialize import check_hf_dir, hf_progress_bars
 from nemo_rlhf.spec.paths import DATA_ROOT_ENV, data_root
 
 GSM8K_TEST = "gsm8k/test.jsonl"  # under the data root (spec.paths.data_root)
-FP32_TOLERANCE = 1e-4
+FP32_TOLERANCE = 1e-4  # a fixed bound for callers that pass one (the CLI's --tolerance default)
+STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The default bound, relative to the largest |reference output|, whatever dtype the .nemo stores.
+#
+# What the certificate proves is that the mapping is right, not how lossy a storage dtype is.
+# So both sides compute in float32 from the SAME values: megatron upcasts the stored weights on
+# load, and the HF reference runs on its weights rounded to the stored dtype (`round_weights`).
+# What is left is float32 summation order (fused vs separate GEMMs, attention kernels, TP
+# partial sums), an error proportional to the magnitudes summed. Measured (megatron-core
+# 0.16.1, 4 GSM8K prompts; docs/nemo-format-notes.md), as max |logit diff| / max |logit|:
+#   tiny Llama (4 layers)   fp32 4.7e-6 / 4.9 = 9.5e-7, bf16 4.7e-6, fp16 5.1e-6
+#   tiny GPT-NeoX (4)       fp32 2.2e-6 / 4.8 = 4.5e-7, bf16 1.9e-6
+#   SmolLM2-135M (30)       fp32 5.3e-5 / 40.7 = 1.3e-6, bf16 4.6e-5
+# The stored dtype does not change these (same values on both sides), so one bound serves all:
+# 1e-5 of the largest |logit| (~84 float32 ulps of it) leaves a 7x margin on SmolLM2 (whose
+# 5.3e-5 sat at half the old fixed 1e-4) and 10x on the tiny models. A wrong mapping moves
+# logits by > 0.1, and rounding weights to bf16 alone by 0.09-0.2 (`storage_max_abs_diff`):
+# comparing against unrounded fp32 HF would need a bound that hides mapping errors.
+# Greedy next-token agreement must be 100% for every stored dtype (measured: 100%).
+RELATIVE_TOLERANCE = 1e-5
+
+
+def default_tolerance(reference: torch.Tensor) -> float:
+    """The default bound on |HF - megatron|: RELATIVE_TOLERANCE x the largest |reference output| (at least 1)."""
+    return RELATIVE_TOLERANCE * max(1.0, reference.abs().max().item())
 WORKER = "nemo_rlhf.verify.megatron_worker"
 # A directory holding another megatron-core (`pip install --no-deps --target DIR megatron-core==0.10.0`,
 # as scripts/install.sh does): the workers import megatron from there, so that version shadows the
@@ -64,6 +94,12 @@ class Certificate:
     max_abs_reward_diff: float | None = None
     mean_abs_reward_diff: float | None = None
     reward_position: str | None = None
+    # The dtype the checkpoint stores; how far rounding HF's weights to it moved HF's own outputs
+    # (None when it changed nothing); for a parallel-residual model, how far NeMo 2.1's Falcon
+    # layer (which drops the linear_proj / linear_fc2 biases) is from HF. Information, not judged.
+    stored_dtype: str = "float32"
+    storage_max_abs_diff: float | None = None
+    nemo21_falcon_max_abs_diff: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,15 +155,37 @@ def prompt_tokens(tokenizer, num_prompts: int = 4, max_tokens: int = 48,
     return tokens, torch.tensor([len(i) for i in ids])
 
 
-def hf_logits(hf_dir: Path, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Reference logits [B, S, V_hf] from HF transformers in fp32."""
-    from transformers import AutoModelForCausalLM
+def load_hf_model(hf_dir: Path, kind: str):
+    """The HF model in fp32 (a causal LM, or a *ForSequenceClassification reward model), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForSequenceClassification if kind == reward_head.REWARD else AutoModelForCausalLM
     with hf_progress_bars(False):
-        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        return auto.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def hf_outputs(model, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reference logits [B, S, V_hf] (or rewards [B, A] of a reward model) in fp32."""
     mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
     with torch.no_grad():
         return model(input_ids=tokens, attention_mask=mask).logits.float()
+
+
+def round_weights(model, dtype: torch.dtype) -> bool:
+    """Rounds the HF model's weights to `dtype` (kept in fp32); True when that changed any of them.
+
+    The reward head is left alone: NeMo-Aligner stores it in float32 (force_head_dtype), from
+    the source's values, whatever the dtype of the other weights.
+    """
+    changed = False
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("score."):
+                continue
+            rounded = param.to(dtype).float()
+            changed = changed or not torch.equal(rounded, param)
+            param.copy_(rounded)
+    return changed
 
 
 def reward_tokens(tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -137,24 +195,6 @@ def reward_tokens(tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int) -> t
         raise UserError(f"a prompt contains the pad token (id {pad_id}): HF's classifier would read the reward "
                         "before it, NeMo-Aligner at the prompt's end", fix="use prompts without the pad token")
     return torch.where(real, tokens, torch.full_like(tokens, pad_id))
-
-
-def hf_rewards(hf_dir: Path, tokens: torch.Tensor, lengths: torch.Tensor,
-               default_pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference rewards [B, A], the tokens as padded for them) from HF's *ForSequenceClassification in fp32.
-
-    `default_pad` stands in for a config without pad_token_id (HF refuses batches then).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    with hf_progress_bars(False):
-        model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = default_pad
-    tokens = reward_tokens(tokens, lengths, int(model.config.pad_token_id))
-    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
-    with torch.no_grad():
-        return model(input_ids=tokens, attention_mask=mask).logits.float(), tokens
 
 
 def compare_rewards(reference: torch.Tensor, candidate: torch.Tensor, tolerance: float) -> dict:
@@ -214,16 +254,18 @@ def run_megatron(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int,
     With `lengths` the model is run as a reward model and the result is its rewards [B, A].
     `dump_dir` also gets each rank's loaded parameters (rank<N>.safetensors), for layout tests.
     """
-    result, tail, _ = run_workers(folder, tokens, padded_vocab, tp, pp, timeout, dump_dir, lengths)
-    return result, tail
+    outputs, tail, _ = run_workers(folder, tokens, padded_vocab, tp, pp, timeout, dump_dir, lengths)
+    return (outputs["rewards" if lengths is not None else "logits"] if outputs else None), tail
 
 
 def run_workers(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, pp: int, timeout: int = 900,
                 dump_dir: Path | None = None, lengths: torch.Tensor | None = None,
-                megatron_dir: str | None = None) -> tuple[torch.Tensor | None, str, str]:
-    """`run_megatron`, also returning the megatron-core version the workers imported.
+                megatron_dir: str | None = None) -> tuple[dict[str, torch.Tensor] | None, str, dict[str, str]]:
+    """`run_megatron`, returning all the worker wrote: (outputs or None, output tail, metadata).
 
-    `megatron_dir` (see `megatron_path`) is put first on the workers' PYTHONPATH.
+    The outputs are `logits` or `rewards`, plus `nemo21_falcon` for a parallel-residual model;
+    the metadata says which megatron-core ran (`megatron_core`) and the checkpoint's
+    `stored_dtype`. `megatron_dir` (see `megatron_path`) is put first on the workers' PYTHONPATH.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -250,11 +292,9 @@ def run_workers(folder: Path, tokens: torch.Tensor, padded_vocab: int, tp: int, 
         errors = sorted(Path(tmp).glob("logits.safetensors.rank*.error"))
         tail = errors[0].read_text(encoding="utf-8") if errors else (proc.stdout + proc.stderr)[-3000:]
         if proc.returncode != 0 or not out.is_file():
-            return None, tail, installed_megatron_version(megatron_dir)
-        with safe_open(str(out), "pt") as f:  # the version the workers really imported
-            version = (f.metadata() or {}).get("megatron_core", "")
-            result = f.get_tensor("rewards" if lengths is not None else "logits")
-        return result, tail, version
+            return None, tail, {"megatron_core": installed_megatron_version(megatron_dir)}
+        with safe_open(str(out), "pt") as f:  # the version the workers really imported, and the outputs
+            return {k: f.get_tensor(k) for k in f.keys()}, tail, dict(f.metadata() or {})
 
 
 def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1, tolerance: float | None = None,
@@ -262,7 +302,8 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1, t
     """Checks that megatron-core reads `nemo_path` as the same model as `hf_dir`, at TP x PP.
 
     Args:
-        tolerance: Largest allowed |logit| (or |reward|) difference; None: FP32_TOLERANCE.
+        tolerance: Largest allowed |logit| (or |reward|) difference; None: `default_tolerance`
+            of the reference outputs.
         megatron_dir: Another megatron-core for the workers (see `megatron_path`); None:
             $NEMO_RLHF_MEGATRON_PATH, else the installed one.
 
@@ -276,32 +317,54 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1, t
 
     hf_dir = check_hf_dir(hf_dir)
     megatron_dir = megatron_path(megatron_dir)
-    tolerance = FP32_TOLERANCE if tolerance is None else tolerance
     # Layout first, from the config alone: a wrong --tp fails in a second, not after unpacking.
     cfg = model_config.parse_model_config(nemo_archive.read_config_text(nemo_path), str(nemo_path))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     _, padded = model_config.vocab_sizes(cfg, len(tokenizer), tp)
     kind = reward_head.kind_of_nemo(cfg)
-    check_layout(cfg, padded, tp, pp, reward=kind == reward_head.REWARD)
+    reward = kind == reward_head.REWARD
+    check_layout(cfg, padded, tp, pp, reward=reward)
     tokens, lengths = prompt_tokens(tokenizer, num_prompts)
+    hf_model = load_hf_model(hf_dir, kind)
+    if reward:
+        if hf_model.config.pad_token_id is None:  # HF refuses batches without one
+            hf_model.config.pad_token_id = pad_id(tokenizer)
+        tokens = reward_tokens(tokens, lengths, int(hf_model.config.pad_token_id))
+    source = hf_outputs(hf_model, tokens, lengths)
     with nemo_archive.open_nemo(nemo_path) as folder:
-        if kind == reward_head.REWARD:
-            reference, tokens = hf_rewards(hf_dir, tokens, lengths, pad_id(tokenizer))
-            result, tail, version = run_workers(folder, tokens, padded, tp, pp, lengths=lengths,
-                                                megatron_dir=megatron_dir)
-        else:
-            reference = hf_logits(hf_dir, tokens, lengths)
-            result, tail, version = run_workers(folder, tokens, padded, tp, pp, megatron_dir=megatron_dir)
-    cert = Certificate(tp=tp, pp=pp, passed=False, num_prompts=len(tokens), tolerance=tolerance,
-                       megatron_core=version, kind=kind, num_tokens=int(lengths.sum()))
-    if result is None:
+        outputs, tail, meta = run_workers(folder, tokens, padded, tp, pp, lengths=lengths if reward else None,
+                                          megatron_dir=megatron_dir)
+    cert = Certificate(tp=tp, pp=pp, passed=False, num_prompts=len(tokens), megatron_core=meta.get("megatron_core", ""),
+                       kind=kind, num_tokens=int(lengths.sum()))
+    if outputs is None:
+        cert.tolerance = FP32_TOLERANCE if tolerance is None else tolerance
         cert.error = f"megatron-core could not load or run the checkpoint:\n{tail}"
         return cert
-    metrics = compare_rewards(reference, result, tolerance) if kind == reward_head.REWARD \
-        else compare(reference, result, lengths, tolerance)
+    # Both sides compute in fp32 from the same values: HF's weights rounded to the dtype the
+    # checkpoint stores (what megatron loaded and upcast), so the check is about the mapping.
+    stored = STORED_DTYPES.get(meta.get("stored_dtype", "float32"), torch.float32)
+    reference = hf_outputs(hf_model, tokens, lengths) if round_weights(hf_model, stored) else source
+    cert.stored_dtype = str(stored).removeprefix("torch.")
+    cert.tolerance = default_tolerance(reference) if tolerance is None else tolerance
+    main = outputs["rewards" if reward else "logits"]
+    metrics = compare_rewards(reference, main, cert.tolerance) if reward \
+        else compare(reference, main, lengths, cert.tolerance)
     for key, value in metrics.items():
         setattr(cert, key, value)
+    if reference is not source:  # what storing in that dtype did to the model (information, not judged)
+        cert.storage_max_abs_diff = _max_abs_diff(source, reference, lengths, reward)
+    if "nemo21_falcon" in outputs:
+        cert.nemo21_falcon_max_abs_diff = _max_abs_diff(reference, outputs["nemo21_falcon"], lengths, reward)
     return cert
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor, reward: bool) -> float:
+    """Max |a - b| over real positions (and the HF vocabulary), or over the rewards."""
+    if reward:
+        return (a.double() - b.double()).abs().max().item()
+    real = torch.arange(a.shape[1])[None] < lengths[:, None]
+    vocab = min(a.shape[-1], b.shape[-1])
+    return (a[..., :vocab][real].double() - b[..., :vocab][real].double()).abs().max().item()
 
 
 # --------------------------------------------------------------------------- the convert manifest

@@ -141,12 +141,12 @@ def transformer_config(cfg: dict, tp: int, pp: int):
     )
 
 
-def build_gpt_model(cfg: dict, padded_vocab_size: int, tp: int, pp: int, drop_output_biases: bool = False):
+def build_gpt_model(cfg: dict, padded_vocab_size: int, tp: int, pp: int):
     """megatron-core's own GPTModel for this rank's pipeline stage.
 
     The layer is megatron's local GPT spec, or for a parallel-attention (Falcon-style, i.e.
-    GPT-NeoX) config the parallel-residual layer built from the same modules; see
-    `parallel_residual` (also for `drop_output_biases`).
+    GPT-NeoX) config the parallel-residual layer built from the same modules (see
+    `parallel_residual`).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -158,7 +158,7 @@ def build_gpt_model(cfg: dict, padded_vocab_size: int, tp: int, pp: int, drop_ou
     if cfg.get("position_embedding_type", "rope") != "rope":
         raise UserError(f"position_embedding_type {cfg.get('position_embedding_type')!r} is not supported yet")
     if parallel_residual.is_parallel_residual(cfg):
-        spec = parallel_residual.layer_spec(config.normalization, drop_output_biases)
+        spec = parallel_residual.layer_spec(config.normalization)
     else:
         spec = gpt_local_spec(config.normalization)
     return GPTModel(

@@ -11,6 +11,11 @@ first TP rank writes them to --out.
 With --reward the model is a NeMo-Aligner reward model: the last stage also has Aligner's
 `rm_head` (see megatron_cpu.attach_reward_head), the forward skips the output layer as
 Aligner's does, and --out gets one reward per prompt, read at position lengths-1.
+
+--out's metadata says which megatron-core ran (`megatron_core`) and the dtype the checkpoint
+stores its weights in (`stored_dtype`). For a parallel-residual (GPT-NeoX) model --out also
+holds `nemo21_falcon`: the outputs with NeMo 2.1's Falcon-layer semantics (see
+parallel_residual), so the certificate can report how far NeMo 2.1 itself is from HF.
 """
 
 from __future__ import annotations
@@ -52,6 +57,14 @@ def _load_weights(model, weights_dir: str) -> None:
     if hasattr(model, "rm_head"):
         state["rm_head._extra_state"] = None
     model.load_state_dict(state, strict=True)
+
+
+def _stored_dtype(weights_dir: str) -> str:
+    """Dtype the checkpoint stores the model's weights in (its embedding's), as megatron reads it."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(weights_dir)
+    return str(meta["model.embedding.word_embeddings.weight"].dtype).removeprefix("torch.")
 
 
 def _dump_local(model, dump_dir: str) -> None:
@@ -128,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.core import parallel_state
     from safetensors.torch import load_file, save_file
 
+    from nemo_rlhf.verify import parallel_residual
     from nemo_rlhf.verify.megatron_compat import megatron_version
     from nemo_rlhf.verify.megatron_cpu import apply_cpu_shims, attach_reward_head, build_gpt_model
 
@@ -143,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.dump_dir:
         _dump_local(model, args.dump_dir)
     inputs = load_file(args.tokens)
-    result = _forward(model, inputs["input_ids"], inputs["lengths"] if args.reward else None)
-    name = "rewards" if args.reward else "logits"
+    lengths = inputs["lengths"] if args.reward else None
+    results = {"rewards" if args.reward else "logits": _forward(model, inputs["input_ids"], lengths)}
+    if parallel_residual.is_parallel_residual(cfg):
+        # The same weights as NeMo 2.1's Falcon layer computes them (output biases left out).
+        parallel_residual.set_drop_output_biases(model, True)
+        results["nemo21_falcon"] = _forward(model, inputs["input_ids"], lengths)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-        save_file({name: result.float().contiguous()}, args.out, metadata={"megatron_core": megatron_version()})
+        meta = {"megatron_core": megatron_version(), "stored_dtype": _stored_dtype(args.weights)}
+        save_file({k: v.float().contiguous() for k, v in results.items()}, args.out, metadata=meta)
     torch.distributed.barrier()
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()

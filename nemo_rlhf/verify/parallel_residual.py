@@ -16,8 +16,8 @@ NeMo's Falcon spec has separate norm modules and no key map, so its checkpoint k
 `decoder.layers.input_layernorm.*` / `decoder.layers.pre_mlp_layernorm.*`, and so are ours.
 
 `linear_proj` and `linear_fc2` return their bias apart from their output (megatron builds
-them with skip_bias_add); both biases are added here, as HF adds them. With
-`drop_output_biases` they are left out instead, which is what NeMo 2.1's Falcon layer does
+them with skip_bias_add); both biases are added here, as HF adds them. Switched by
+`set_drop_output_biases`, they are left out instead, which is what NeMo 2.1's Falcon layer does
 (it adds only the bias-free outputs to the residual): the certificate uses that to report how
 far NeMo 2.1 itself would be from HF for the checkpoint at hand.
 """
@@ -48,7 +48,7 @@ def is_parallel_residual(cfg: dict) -> bool:
     return True
 
 
-def layer_spec(normalization: str, drop_output_biases: bool = False):
+def layer_spec(normalization: str):
     """megatron-core's local GPT layer spec, turned into the parallel-residual layer."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -57,15 +57,24 @@ def layer_spec(normalization: str, drop_output_biases: bool = False):
     class ParallelResidualLayer(TransformerLayer):
         """out = x + attention(input_layernorm(x)) + mlp(pre_mlp_layernorm(x)), biases included."""
 
+        drop_output_biases = False  # True: NeMo 2.1's Falcon semantics (see set_drop_output_biases)
+
         def forward(self, hidden_states, attention_mask=None, rotary_pos_emb=None, **kwargs):
             attn, attn_bias = self.self_attention(self.input_layernorm(hidden_states), attention_mask=attention_mask,
                                                   rotary_pos_emb=rotary_pos_emb)
             mlp, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states))
             out = hidden_states + attn + mlp
-            if not drop_output_biases:
+            if not self.drop_output_biases:
                 out = out + sum(b for b in (attn_bias, mlp_bias) if b is not None)
             return out, kwargs.get("context")
 
     spec = gpt_local_spec(normalization)
     submodules = dataclasses.replace(spec.submodules, sharded_state_dict_keys_map={})
     return dataclasses.replace(spec, module=ParallelResidualLayer, submodules=submodules)
+
+
+def set_drop_output_biases(model, drop: bool) -> None:
+    """Switches every parallel-residual layer of `model` between HF's and NeMo 2.1's semantics."""
+    for module in model.modules():
+        if hasattr(type(module), "drop_output_biases"):
+            module.drop_output_biases = drop
