@@ -90,7 +90,7 @@ def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def _write_tar(source: Path, tar_path: Path) -> None:
     """Uncompressed tar of `source` with './'-prefixed members, regular files and dirs only."""
-    with tarfile.open(tar_path, "w:", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(tar_path, "w:", format=tarfile.PAX_FORMAT, copybufsize=16 << 20) as tar:
         tar.add(source, arcname=".", recursive=False, filter=_plain_member)
         for path in sorted(source.rglob("*")):
             if path.is_symlink() or not (path.is_file() or path.is_dir()):
