@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rlhf.slurm.dag import dag_status
+from nemo_rlhf.slurm.dag import cancel_dag, dag_status
 from tests.helpers import REPO, TINY, cli
 
 STAGES = ("base", "sft", "rm", "ppo", "eval")
@@ -63,36 +63,39 @@ def stage_fingerprints(run_dir: Path, stages) -> dict:
 
 @pytest.fixture(scope="module")
 def dags(slurm_cluster, tmp_path_factory):
-    """Submit both DAGs at once and wait for both to settle (~2-3 minutes on 2 cores)."""
-    root = tmp_path_factory.mktemp("slurm dag")
-    good = root / HOSTILE
-    preference = root / "data" / "pref.jsonl.gz"
-    preference.parent.mkdir()
+    """Submit both DAGs at once and wait for both to settle; cancel whatever is left at the end."""
     from nemo_rlhf.spec.loader import load_spec
     from nemo_rlhf.spec.paths import data_path, data_root
 
+    root = tmp_path_factory.mktemp("slurm dag")
+    good, bad = root / HOSTILE, root / "failing"
+    preference = root / "data" / "pref.jsonl.gz"
+    preference.parent.mkdir()
     spec = load_spec(TINY)
     original = data_path(data_root(spec.data.root), spec.data.preference.path)
     shutil.copy(original, preference)
-    bad = root / "failing"
     start = time.monotonic()
-    submitted = cli("slurm", "submit", str(TINY), "--out", str(good), *FAST, check=True)
-    cli("slurm", "submit", str(TINY), "--out", str(bad), *FAST, f"data.preference.path={preference}", check=True)
-    # Corrupted after submission (the spec was valid): only rm, ppo and eval read this file.
-    preference.write_bytes(b"this is not gzip\n")
-    good_states = wait_until_settled(good)
-    bad_states = wait_until_settled(bad)
-    print(f"both DAGs settled in {time.monotonic() - start:.0f} s")
-    return {
-        "root": root,
-        "good": good,
-        "bad": bad,
-        "preference": preference,
-        "original": original,
-        "submitted": submitted,
-        "good_states": good_states,
-        "bad_states": bad_states,
-    }
+    try:
+        cli("slurm", "submit", str(TINY), "--out", str(good), *FAST, check=True)
+        cli("slurm", "submit", str(TINY), "--out", str(bad), *FAST, f"data.preference.path={preference}", check=True)
+        # Corrupted after submission (the spec was valid): only rm, ppo and eval read this file.
+        preference.write_bytes(b"this is not gzip\n")
+        good_states = wait_until_settled(good)
+        bad_states = wait_until_settled(bad)
+        print(f"both DAGs settled in {time.monotonic() - start:.0f} s")
+        yield {
+            "root": root,
+            "good": good,
+            "bad": bad,
+            "preference": preference,
+            "original": original,
+            "good_states": good_states,
+            "bad_states": bad_states,
+        }
+    finally:
+        for run_dir in (good, bad):
+            if (run_dir / "slurm" / "jobs.json").is_file():
+                cancel_dag(run_dir)
 
 
 def test_dag_runs_to_completion_in_a_hostile_run_dir(dags):
@@ -128,6 +131,7 @@ def test_failed_stage_leaves_successors_unrun_and_status_says_why(dags):
     assert "pref.jsonl.gz" in tail or "gzip" in tail.lower(), tail
     assert rows["ppo"]["state"] == "PENDING" and rows["ppo"]["reason"] == "DependencyNeverSatisfied"
     assert rows["ppo"]["blocked"] and not rows["ppo"]["log_tail"]
+    assert rows["eval"]["state"] == "PENDING" and rows["eval"]["blocked"]  # SLURM's reason: just "Dependency"
     text = cli("slurm", "status", str(bad), check=True).stdout
     assert "failed: rm" in text and "slurm resume" in text
 

@@ -96,7 +96,7 @@ def status_cmd(args) -> int:
     statuses = dag_status(args.run_dir)
     failed = [s.name for s in statuses if s.failed]
     if args.json:
-        rows = [{**asdict(s), "failed": s.failed, "blocked": s.blocked} for s in statuses]
+        rows = [{**asdict(s), "failed": s.failed} for s in statuses]
         print(json.dumps({"run_dir": str(args.run_dir), "failed": failed, "stages": rows}, indent=2))
         return 0
     print(f"{'stage':<8} {'job':>8}  {'state':<12} {'elapsed':>10}  reason / logs")

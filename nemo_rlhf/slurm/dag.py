@@ -54,16 +54,12 @@ class StageStatus:
     finished: bool  # RUN_DIR/<stage>/manifest.json exists
     stdout: str
     stderr: str
+    blocked: bool = False  # pending forever: a stage it waits for (directly or not) failed
     log_tail: list[str] = field(default_factory=list)  # last lines of a failed stage's logs
 
     @property
     def failed(self) -> bool:
         return self.state in sbatch.TERMINAL_STATES and self.state != "COMPLETED" and not self.finished
-
-    @property
-    def blocked(self) -> bool:
-        """Pending forever because a stage it depends on failed."""
-        return self.state == "PENDING" and self.reason == NEVER
 
 
 def jobs_path(run_dir: Path) -> Path:
@@ -162,7 +158,7 @@ def _replace_stage(record: dict, job: StageJob) -> None:
 
 def dag_status(run_dir: Path, tail: int = TAIL_LINES) -> list[StageStatus]:
     """Each recorded stage's state from SLURM, with the log tail of stages that failed."""
-    statuses = []
+    statuses: dict[str, StageStatus] = {}
     for job in read_jobs(run_dir)["stages"]:
         info = sbatch.job_info(job.job_id)
         finished = stage_finished(run_dir, job.name)
@@ -173,8 +169,12 @@ def dag_status(run_dir: Path, tail: int = TAIL_LINES) -> list[StageStatus]:
         status = StageStatus(job.name, job.job_id, state, reason, elapsed, finished, job.stdout, job.stderr)
         if status.failed:
             status.log_tail = log_tail(job.stderr, tail) or log_tail(job.stdout, tail)
-        statuses.append(status)
-    return statuses
+        # SLURM says DependencyNeverSatisfied only for the direct children of a failed job; their
+        # own children just wait on "Dependency", forever.
+        waits_on_dead = any(statuses[a].failed or statuses[a].blocked for a in job.after if a in statuses)
+        status.blocked = state == "PENDING" and (reason == NEVER or waits_on_dead)
+        statuses[job.name] = status
+    return list(statuses.values())
 
 
 def log_tail(path: str, lines: int) -> list[str]:
