@@ -26,6 +26,7 @@ from nemo_rlhf.convert.convert import hf_to_nemo, nemo_to_hf
 from nemo_rlhf.convert.families import get_family
 from nemo_rlhf.convert.param_mapping import KINDS, REPLICATED, Geometry
 from nemo_rlhf.errors import UserError
+from tests.helpers import cli
 from tests.test_convert_llama import _random_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,3 +187,16 @@ def test_pre_mcore_names_are_refused_with_the_fix(nemo_dir, legacy_root, tmp_pat
     with pytest.raises(UserError, match="pre-megatron-core") as err:
         nemo_to_hf(folder, tmp_path / "out")
     assert "convert_gpt_nemo_to_mcore.py" in err.value.fix
+
+
+def test_cli_refuses_to_certify_legacy_weights_and_exports_them_in_shards(hf_dir, nemo_dir, legacy_root, tmp_path):
+    """The certificate reads only what megatron's dist_checkpointing reads; export still works, sharded."""
+    folder = _legacy_nemo(nemo_dir, legacy_root, "2x1-te", tmp_path / "legacy")
+    proc = cli("verify", "conversion", "--hf", str(hf_dir), "--nemo", str(folder))
+    assert proc.returncode == 2 and "legacy weights" in proc.stderr and "hf-to-nemo" in proc.stderr
+    cli("convert", "nemo-to-hf", "--nemo", str(folder), "--out", str(tmp_path / "back"), "--max-shard-size", "100kB",
+        check=True)
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    proc = cli("convert", "nemo-to-hf", "--nemo", str(folder), "--out", str(tmp_path / "x"), "--max-shard-size", "lots")
+    assert proc.returncode == 2 and "not a size" in proc.stderr

@@ -18,8 +18,6 @@ from pathlib import Path
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Registers `verify conversion` on the main CLI's subparsers."""
-    from nemo_rlhf.verify.certificate import FP32_TOLERANCE
-
     ver = subparsers.add_parser("verify", help="Prove that a conversion preserved the model.",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ver.add_subparsers(dest="verify_command", metavar="{conversion}", required=True)
@@ -28,9 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     conv.add_argument("--nemo", required=True, type=Path, help="The .nemo file or extracted directory.")
     conv.add_argument("--tp", type=int, default=1, help="Tensor-parallel size megatron loads it at.")
     conv.add_argument("--pp", type=int, default=1, help="Pipeline-parallel size megatron loads it at.")
-    conv.add_argument("--tolerance", type=float, default=FP32_TOLERANCE,
-                      help=f"Largest allowed |logit difference|, or |reward difference| for a reward model "
-                           f"(default {FP32_TOLERANCE}, for fp32 weights).")
+    conv.add_argument("--tolerance", type=float, default=None,
+                      help="Largest allowed |logit difference|, or |reward difference| for a reward model "
+                           "(default: 1e-5 x max(1, largest |HF output|), whatever dtype the checkpoint stores: "
+                           "HF runs on the same rounded weights).")
     conv.add_argument("--json", action="store_true", help="Print one JSON object instead of a summary.")
     conv.set_defaults(func=cmd_conversion)
     return ver
@@ -56,5 +55,11 @@ def cmd_conversion(args: argparse.Namespace) -> int:
                   f"mean {cert.mean_abs_logit_diff:.3g}, mean KL(HF||NeMo) {cert.mean_kl:.3g}, "
                   f"greedy agreement {cert.top1_agreement:.1%} over {cert.num_tokens} tokens "
                   f"of {cert.num_prompts} prompts")
+        if not cert.error and cert.stored_dtype != "float32":
+            print(f"  weights stored as {cert.stored_dtype}: rounding alone moves HF's own outputs by "
+                  f"{cert.storage_max_abs_diff:.3g} (compared on the rounded weights)")
+        if not cert.error and cert.nemo21_falcon_max_abs_diff is not None:
+            print(f"  NeMo 2.1's falcon layer drops the linear_proj/linear_fc2 biases: it would differ from HF by "
+                  f"{cert.nemo21_falcon_max_abs_diff:.3g} (docs/nemo-format-notes.md)")
     return 0 if cert.passed else 1
 

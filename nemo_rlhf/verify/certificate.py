@@ -332,6 +332,12 @@ def verify_conversion(hf_dir: Path, nemo_path: Path, tp: int = 1, pp: int = 1, t
         tokens = reward_tokens(tokens, lengths, int(hf_model.config.pad_token_id))
     source = hf_outputs(hf_model, tokens, lengths)
     with nemo_archive.open_nemo(nemo_path) as folder:
+        if nemo_archive.legacy_rank_dirs(folder):
+            raise UserError("the model holds legacy weights (model_weights.ckpt, mp_rank_XX/ or "
+                            "tp_rank_XX_pp_rank_XXX/); the certificate loads only the distributed checkpoint "
+                            "(model_weights/) that megatron's dist_checkpointing reads", where=str(nemo_path),
+                            fix="upgrade it: `nemo-rlhf convert nemo-to-hf`, then `nemo-rlhf convert hf-to-nemo` "
+                                "(which certifies the new .nemo)")
         outputs, tail, meta = run_workers(folder, tokens, padded, tp, pp, lengths=lengths if reward else None,
                                           megatron_dir=megatron_dir)
     cert = Certificate(tp=tp, pp=pp, passed=False, num_prompts=len(tokens), megatron_core=meta.get("megatron_core", ""),
