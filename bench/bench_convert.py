@@ -8,6 +8,9 @@ each in a fresh process so that ru_maxrss is that job's peak:
 
 * floor: `safetensors.torch.load_file` + `save_file` of the same tensors (the least a Python
   converter must do: read every byte, write every byte; it holds the whole model);
+* floor-torch-save: `load_file` + one `torch.save` of the same tensors: the cost of the record
+  format a torch_dist checkpoint must use (zip records with CRC32, which megatron's loader reads
+  through torch.load), without any conversion;
 * ours-dir: `hf_to_nemo` to an extracted .nemo directory, certificate off (`--no-verify`);
 * ours-tar: `hf_to_nemo` to a .nemo tar (the dist checkpoint is packed after writing, as NeMo does).
 
@@ -45,6 +48,12 @@ if job == "floor":
         tensors = load_file(str(f))
         save_file(tensors, str(dst / f"out-{i}.safetensors"))
         del tensors
+elif job == "floor-torch-save":
+    from safetensors.torch import load_file
+    import torch
+    start = time.perf_counter()
+    for i, f in enumerate(sorted(src.glob("*.safetensors"))):
+        torch.save(load_file(str(f)), dst / f"out-{i}.pt")
 else:
     from nemo_rlhf.convert.convert import hf_to_nemo
     start = time.perf_counter()
@@ -55,7 +64,7 @@ hwm_kib = next(int(line.split()[1]) for line in open("/proc/self/status") if lin
 print(json.dumps({"seconds": seconds, "peak_rss_gib": hwm_kib / 2**20}))
 """
 
-JOBS = ("floor", "ours-dir", "ours-tar")
+JOBS = ("floor", "floor-torch-save", "ours-dir", "ours-tar")
 
 
 def synthetic_llama(out_dir: Path, target_gb: float) -> Path:
@@ -124,7 +133,7 @@ def bench_model(name: str, src: Path, repeats: int, scratch: Path) -> dict:
     summary = {job: {"seconds_median": statistics.median(r["seconds"] for r in rs),
                      "peak_rss_gib_max": max(r["peak_rss_gib"] for r in rs), "runs": rs} for job, rs in runs.items()}
     floor = summary["floor"]
-    for job in ("ours-dir", "ours-tar"):
+    for job in JOBS[1:]:
         summary[job]["time_ratio"] = summary[job]["seconds_median"] / floor["seconds_median"]
         summary[job]["rss_ratio"] = summary[job]["peak_rss_gib_max"] / floor["peak_rss_gib_max"]
     return {"model": name, "safetensors_bytes": size, "jobs": summary}
