@@ -198,3 +198,23 @@ def test_clear_errors_without_sbatch_or_without_jobs(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "`sbatch` is not on PATH" in proc.stderr and "slurm/local/start.sh" in proc.stderr
+
+
+def test_submit_twice_resume_while_running_and_cancel(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    cli("slurm", "submit", str(TINY), "--out", str(run_dir), *FAST, check=True)
+    try:
+        again = cli("slurm", "submit", str(TINY), "--out", str(run_dir), *FAST)
+        assert again.returncode == 2 and "already has queued or running stages" in again.stderr, again.stderr
+        early = cli("slurm", "resume", str(run_dir))
+        assert early.returncode == 2 and "still going" in early.stderr, early.stderr
+    finally:
+        out = cli("slurm", "cancel", str(run_dir), check=True).stdout
+    assert "ppo (job" in out and "eval (job" in out, out  # base may have finished meanwhile
+    deadline = time.monotonic() + 60
+    while any(s.state not in ("CANCELLED", "COMPLETED") for s in dag_status(run_dir)) and time.monotonic() < deadline:
+        time.sleep(1)
+    states = {s.name: s.state for s in dag_status(run_dir)}
+    assert states["ppo"] == states["eval"] == "CANCELLED", states
+    assert all(state == "CANCELLED" or (run_dir / name / "manifest.json").is_file() for name, state in states.items())
+    assert "nothing was queued or running" in cli("slurm", "cancel", str(run_dir), check=True).stdout

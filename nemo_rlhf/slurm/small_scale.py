@@ -38,7 +38,7 @@ SCRIPT = string.Template(
 ${cluster_directives}
 # A requeued job appends to the same logs and `nemo-rlhf run` skips the stages already finished.
 set -euo pipefail
-echo "[nemo-rlhf] stage ${stage}: job $${SLURM_JOB_ID:-?} on $$(hostname), restart $${SLURM_RESTART_COUNT:-0}"
+echo "[nemo-rlhf] stage ${stage}: job $${SLURM_JOB_ID:-?} on $${SLURMD_NODENAME:-?}, restart $${SLURM_RESTART_COUNT:-0}"
 cd -- ${workdir}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec ${python} -m nemo_rlhf run ${spec}${overrides} --out ${run_dir} --until ${stage}

@@ -14,6 +14,15 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 die() { echo "slurm/local: $*" >&2; exit 1; }
 say() { echo "slurm/local: $*"; }
 
+# Serialise start/stop (test sessions may call start.sh at the same time). The lock file lives
+# beside STATE_DIR, which start.sh wipes. Scripts called while the lock is held skip it.
+take_lock() {
+    [ -n "${NEMO_RLHF_SLURM_LOCKED:-}" ] && return 0
+    exec 9>"$STATE_DIR.lock"
+    flock -w 120 9 || die "another start/stop holds $STATE_DIR.lock"
+    export NEMO_RLHF_SLURM_LOCKED=1
+}
+
 require_root() {
     [ "$(id -u)" = 0 ] || die "must run as root (daemons run with SlurmUser=root); try: sudo $0"
 }

@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 started=$SECONDS
+take_lock
 bash "$HERE/install.sh"
 if cluster_up; then
     say "already running (state in $STATE_DIR); nothing to do"
@@ -21,7 +22,7 @@ start_munge() {
     if [ ! -s /etc/munge/munge.key ]; then
         runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
     fi
-    runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1
+    runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1 9>&-
     for _ in $(seq 50); do munge_up && return 0; sleep 0.2; done
     die "munged did not start (see /var/log/munge/munged.log)"
 }
@@ -53,9 +54,9 @@ ln -s /dev/null "$STATE_DIR/dev/nvidia0"
 ln -s /dev/null "$STATE_DIR/dev/nvidia1"
 write_config
 start_munge
-slurmctld </dev/null >/dev/null 2>&1 || die "slurmctld failed to start (see $STATE_DIR/slurmctld.log)"
-slurmd -N n1 </dev/null >/dev/null 2>&1 || die "slurmd n1 failed to start (see $STATE_DIR/slurmd-n1.log)"
-slurmd -N n2 </dev/null >/dev/null 2>&1 || die "slurmd n2 failed to start (see $STATE_DIR/slurmd-n2.log)"
+slurmctld </dev/null >/dev/null 2>&1 9>&- || die "slurmctld failed to start (see $STATE_DIR/slurmctld.log)"
+slurmd -N n1 </dev/null >/dev/null 2>&1 9>&- || die "slurmd n1 failed to start (see $STATE_DIR/slurmd-n1.log)"
+slurmd -N n2 </dev/null >/dev/null 2>&1 9>&- || die "slurmd n2 failed to start (see $STATE_DIR/slurmd-n2.log)"
 for _ in $(seq 120); do
     if cluster_up; then
         say "up in $((SECONDS - started)) s (state in $STATE_DIR, config in $CONF_DIR)"

@@ -14,6 +14,7 @@ for arg in "$@"; do
     esac
 done
 
+take_lock
 running=0
 for f in "$STATE_DIR"/slurmctld.pid "$STATE_DIR"/slurmd-*.pid; do
     [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && running=1
