@@ -17,8 +17,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from nemo_rlhf.data.examples import build_prompt_rows
-from nemo_rlhf.data.gsm8k import answers_match, extract_final_answer
 from nemo_rlhf.data.jsonl import write_jsonl_atomic
+from nemo_rlhf.gate.capability import exact_match
 from nemo_rlhf.generation import generate, response_logprobs, reward_scores
 from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.plotting import plot_eval_summary, plot_length_histogram
@@ -104,7 +104,7 @@ class EvalStage:
                     response_logprobs(reference, chat_out, pad, cfg.batch_size),
                 )
             ]
-            correct = [answers_match(extract_final_answer(g.text), p.final_answer) for g, p in zip(math_out, math)]
+            correct = exact_match([g.text for g in math_out], math)
             results[name] = _summary(correct, chat_out, scores, kl)
             lengths[name] = [len(g.response_ids) for g in chat_out]
             responses[name] = [_record(tokenizer, g, s, k, name) for g, s, k in zip(chat_out, scores, kl)]
