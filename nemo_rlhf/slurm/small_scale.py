@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nemo_rlhf.errors import UserError
+from nemo_rlhf.slurm.quoting import refuse_control_chars, sbatch_quote
 from nemo_rlhf.slurm.stages import RenderedStage
 from nemo_rlhf.spec.schema import PipelineSpec
 
@@ -44,30 +45,6 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 exec ${python} -m nemo_rlhf run ${spec}${overrides} --out ${run_dir} --until ${stage}
 """
 )
-
-
-def refuse_control_chars(value: str, what: str) -> str:
-    """Return `value`, or raise a UserError when it holds a newline or another control character.
-
-    Such a value would end an `#SBATCH` line (or a shell word) early whatever the quoting.
-    """
-    bad = sorted({repr(c) for c in value if ord(c) < 32 or ord(c) == 127})
-    if bad:
-        raise UserError(
-            f"{what} contains a newline or control character ({', '.join(bad)}): {value!r}",
-            where=what,
-            fix="use a name or path without newlines, tabs or other control characters",
-        )
-    return value
-
-
-def sbatch_quote(value: str) -> str:
-    """Quote a value for an `#SBATCH` line.
-
-    sbatch reads `#SBATCH` lines with shell-like quotes, but a backslash escapes the next
-    character even inside single quotes, so backslashes are doubled before `shlex.quote`.
-    """
-    return shlex.quote(value.replace("\\", "\\\\"))
 
 
 def refuse_log_path_patterns(path: Path) -> Path:
