@@ -136,6 +136,7 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
     problems += _model_problems(spec)
     problems += _batch_problems(spec)
     problems += _cluster_problems(spec)
+    problems += _gate_problems(spec)
     if spec.scale == "small":  # large scale: data and checkpoints are paths on the cluster, not here
         problems += _file_problems(spec)
     return problems
@@ -225,3 +226,35 @@ def _file_problems(spec: PipelineSpec) -> list[str]:
         for key, rel in files.items()
         if not data_path(root, rel).is_file()
     ]
+
+
+# The gate's shares and rates live in [0, 1]; its ratios, p-values and budgets must be > 0.
+GATE_UNIT_INTERVAL = [
+    "capability_drop", "format_min_pass_rate", "instruction_max_drop", "truncation_max_increase",
+    "reward_length_max_corr", "length_explained_max_share", "distinct_min_ratio", "self_bleu_max_increase",
+    "cross_prompt_max_increase", "prompt_dependence_max_drop", "opening_max_increase", "empty_max_rate",
+    "loop_max_rate", "leak_max_rate",
+]
+GATE_POSITIVE = ["length_max_ratio", "length_p_value", "hacking_gold_drop", "kl_max_mean", "kl_max_single",
+                 "opening_words"]
+GATE_JUDGES = ("gold_rm", "openai")
+
+
+def _gate_problems(spec: PipelineSpec) -> list[str]:
+    """Values of the `gate` section (nemo_rlhf.gate)."""
+    gate, t = spec.gate, spec.gate.thresholds
+    problems = [f"gate.{k}: must be > 0, got {getattr(gate, k)}" for k in ("bootstrap_samples", "gsm8k_num",
+                                                                              "max_cases") if getattr(gate, k) <= 0]
+    if not 0 < gate.confidence < 1:
+        problems.append(f"gate.confidence: must be between 0 and 1 (e.g. 0.95), got {gate.confidence}")
+    problems += [f"gate.thresholds.{k}: must be within [0, 1], got {getattr(t, k)}"
+                 for k in GATE_UNIT_INTERVAL if not 0 <= getattr(t, k) <= 1]
+    problems += [f"gate.thresholds.{k}: must be > 0, got {getattr(t, k)}" for k in GATE_POSITIVE if getattr(t, k) <= 0]
+    if t.safety_max_drop < 0:
+        problems.append(f"gate.thresholds.safety_max_drop: must be >= 0, got {t.safety_max_drop}")
+    if gate.judge == "openai":
+        problems += [f"gate.{k}: must be set when gate.judge is openai" for k in ("judge_url", "judge_model")
+                     if not getattr(gate, k)]
+    elif gate.judge not in GATE_JUDGES and spec.scale == "small" and not Path(gate.judge).expanduser().is_dir():
+        problems.append(f"gate.judge: {gate.judge!r} is not gold_rm, openai or an existing reward-model directory")
+    return problems
