@@ -59,8 +59,10 @@ def test_subset_is_fixed_by_its_seed(test_set):
 
 def test_rows_are_matched_to_questions_and_the_rest_counted(test_set):
     problems = test_set[:5]
-    rows = [{"prompt": f"<|im_start|>user\n{p.question}<|im_end|>\n<|im_start|>assistant\n", "response": p.answer}
-            for p in problems]
+    rows = [
+        {"prompt": f"<|im_start|>user\n{p.question}<|im_end|>\n<|im_start|>assistant\n", "response": p.answer}
+        for p in problems
+    ]
     rows += [{"prompt": problems[0].question, "response": "#### 0"}]  # duplicate: first row wins
     rows += [{"prompt": "Human: what is love?\n\nAssistant:", "response": "Baby don't hurt me."}]
     score = capability.score_rows(rows, test_set)

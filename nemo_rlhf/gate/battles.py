@@ -122,10 +122,24 @@ class BattleResult:
     prompts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        keys = ("candidate", "baseline", "judge", "n", "wins", "losses", "ties", "order_disagreements", "unparsed",
-                "length_coefficient", "length_unit")
-        return {**{k: getattr(self, k) for k in keys}, "win_rate": self.win_rate.to_dict(),
-                "lc_win_rate": self.lc_win_rate.to_dict()}
+        keys = (
+            "candidate",
+            "baseline",
+            "judge",
+            "n",
+            "wins",
+            "losses",
+            "ties",
+            "order_disagreements",
+            "unparsed",
+            "length_coefficient",
+            "length_unit",
+        )
+        return {
+            **{k: getattr(self, k) for k in keys},
+            "win_rate": self.win_rate.to_dict(),
+            "lc_win_rate": self.lc_win_rate.to_dict(),
+        }
 
 
 def battle(
@@ -149,8 +163,11 @@ def battle(
         tokenizer: measure lengths in its tokens; default words.
     """
     if not prompts:
-        raise UserError("no prompts shared by candidate and baseline to battle on", where="battles",
-                        fix="give both responses files the same prompts")
+        raise UserError(
+            "no prompts shared by candidate and baseline to battle on",
+            where="battles",
+            fix="give both responses files the same prompts",
+        )
     first = judge.prefer(prompts, candidate, baseline)  # 1.0 = candidate (A) better
     second = judge.prefer(prompts, baseline, candidate)  # 1.0 = baseline (A) better
     outcomes, disagreements, unparsed = [], 0, 0
@@ -160,8 +177,9 @@ def battle(
         s2 = 0.5 if p2 is None else 1.0 - p2
         disagreements += s1 != s2
         outcomes.append(s1 if s1 == s2 else 0.5)
-    term = length_term([response_length(t, tokenizer) for t in candidate],
-                       [response_length(t, tokenizer) for t in baseline])
+    term = length_term(
+        [response_length(t, tokenizer) for t in candidate], [response_length(t, tokenizer) for t in baseline]
+    )
     y = np.asarray(outcomes)
     lc, coef = lc_win_rate(y, term)
     lc_interval = statistic_ci(len(y), lambda idx: lc_win_rate(y[idx], term[idx])[0], n_boot, seed, alpha)
@@ -218,8 +236,14 @@ def preference_finding(result: BattleResult, preference_min_win_rate: float = 0.
         f"{result.ties} ties, {result.order_disagreements} order disagreements)"
     )
     losses = [i for i, o in enumerate(result.outcomes) if o == 0.0][:max_cases]
-    return Finding("preference", severity, w.estimate, preference_min_win_rate, message,
-                   details={**result.to_dict(), "cases": [{"prompt": result.prompts[i]} for i in losses]})
+    return Finding(
+        "preference",
+        severity,
+        w.estimate,
+        preference_min_win_rate,
+        message,
+        details={**result.to_dict(), "cases": [{"prompt": result.prompts[i]} for i in losses]},
+    )
 
 
 def length_gap_finding(result: BattleResult, lc_max_gap: float = 0.1):
@@ -232,5 +256,11 @@ def length_gap_finding(result: BattleResult, lc_max_gap: float = 0.1):
     )
     if gap > lc_max_gap:
         message += ": part of the win comes from writing longer answers, not better ones"
-    return Finding("length_controlled_gap", "warn" if gap > lc_max_gap else "info", gap, lc_max_gap, message,
-                   details=result.to_dict())
+    return Finding(
+        "length_controlled_gap",
+        "warn" if gap > lc_max_gap else "info",
+        gap,
+        lc_max_gap,
+        message,
+        details=result.to_dict(),
+    )

@@ -182,8 +182,9 @@ def checkpoint_responses(
     return [{"prompt": q, "response": g.text, "finished": g.finished} for q, g in zip(questions, out)]
 
 
-def score_checkpoint(model_dir: str | Path, problems: Sequence[MathProblem], n_boot: int = 2000, seed: int = 0,
-                     **generation) -> GSM8KScore:
+def score_checkpoint(
+    model_dir: str | Path, problems: Sequence[MathProblem], n_boot: int = 2000, seed: int = 0, **generation
+) -> GSM8KScore:
     """Generates on `problems` with `checkpoint_responses` and scores the answers."""
     rows = checkpoint_responses(model_dir, [p.question for p in problems], seed=seed, desc="gsm8k", **generation)
     return score_responses(problems, [r["response"] for r in rows], n_boot=n_boot, seed=seed)
@@ -200,8 +201,9 @@ class CapabilityComparison:
     regressed_lines: list[int]  # questions the baseline got right and the candidate wrong
 
 
-def compare(candidate: GSM8KScore, baseline: GSM8KScore, n_boot: int = 2000, seed: int = 0,
-            alpha: float = 0.05) -> CapabilityComparison:
+def compare(
+    candidate: GSM8KScore, baseline: GSM8KScore, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> CapabilityComparison:
     """Paired bootstrap over the shared questions: resampling a question keeps both verdicts."""
     shared = sorted(set(candidate.correct) & set(baseline.correct))
     if not shared:

@@ -111,8 +111,13 @@ def format_finding(
     )
     failed = [r for r in results if not r.passed]
     cases = [
-        {"prompt": rows[r.index]["prompt"], "response": rows[r.index]["response"], "failures": r.failures,
-         "leaks": r.leaks, "length": r.length}
+        {
+            "prompt": rows[r.index]["prompt"],
+            "response": rows[r.index]["response"],
+            "failures": r.failures,
+            "leaks": r.leaks,
+            "length": r.length,
+        }
         for r in failed[:max_cases]
     ]
     return Finding(

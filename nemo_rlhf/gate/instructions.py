@@ -52,7 +52,7 @@ def _json_with_keys(text: str, keys: list[str]) -> bool:
 
 
 def _ends_with(text: str, phrase: str) -> bool:
-    return text.rstrip().rstrip('"\'').rstrip().endswith(phrase)
+    return text.rstrip().rstrip("\"'").rstrip().endswith(phrase)
 
 
 # constraint kind -> (checker, what the value is); one entry per kind.
@@ -139,7 +139,9 @@ def score_rows(rows: Sequence[dict], instructions: Sequence[Instruction] | None 
     return score
 
 
-def checkpoint_rows(model_dir: str | Path, instructions: Sequence[Instruction] | None = None, **generation) -> list[dict]:
+def checkpoint_rows(
+    model_dir: str | Path, instructions: Sequence[Instruction] | None = None, **generation
+) -> list[dict]:
     """Greedy responses of an HF checkpoint to the instruction prompts (see capability.checkpoint_responses)."""
     from nemo_rlhf.gate.capability import checkpoint_responses
 
@@ -153,8 +155,13 @@ def instruction_finding(
     """The `instruction_following` finding: fail when the pass rate drops by more than the threshold."""
     shared = sorted(set(candidate.passed) & set(baseline.passed))
     if not shared:
-        return Finding(DETECTOR, "info", None, instruction_max_drop,
-                       "no instruction prompts answered by both candidate and baseline; check skipped")
+        return Finding(
+            DETECTOR,
+            "info",
+            None,
+            instruction_max_drop,
+            "no instruction prompts answered by both candidate and baseline; check skipped",
+        )
     cand = sum(candidate.passed[k] for k in shared) / len(shared)
     base = sum(baseline.passed[k] for k in shared) / len(shared)
     drop = base - cand
@@ -178,8 +185,12 @@ def instruction_finding(
             "baseline_pass_rate": base,
             "candidate_pass_rate_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
             "cases": [
-                {"id": k, "response": candidate.responses[k], "baseline_response": baseline.responses[k],
-                 "verdicts": candidate.verdicts[k]}
+                {
+                    "id": k,
+                    "response": candidate.responses[k],
+                    "baseline_response": baseline.responses[k],
+                    "verdicts": candidate.verdicts[k],
+                }
                 for k in lost[:max_cases]
             ],
         },

@@ -35,8 +35,11 @@ class RewardModelJudge:
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
-            raise UserError("not a Hugging Face model directory (no config.json)", where=str(model_dir),
-                            fix="pass the reward model's HF dir (the rm stage's model/ folder)")
+            raise UserError(
+                "not a Hugging Face model directory (no config.json)",
+                where=str(model_dir),
+                fix="pass the reward model's HF dir (the rm stage's model/ folder)",
+            )
         self.name = f"reward model {model_dir}"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token is None:
@@ -64,8 +67,14 @@ class RewardModelJudge:
         batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
         with self._torch.no_grad():
             for batch in tqdm(batches, desc="judge: reward model", leave=False):
-                enc = self.tokenizer([self.text(p, r) for p, r in batch], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.max_length, add_special_tokens=False)
+                enc = self.tokenizer(
+                    [self.text(p, r) for p, r in batch],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    add_special_tokens=False,
+                )
                 logits = self.model(**enc).logits.float().squeeze(-1)
                 self._cache.update(zip(batch, logits.tolist()))
         return [self._cache[(p, r)] for p, r in zip(prompts, responses)]
@@ -111,8 +120,11 @@ class ChatJudge:
 
     def __init__(self, url: str, model: str = "judge", api_key: str | None = None, timeout: float = 60.0):
         if not url.startswith(("http://", "https://")):
-            raise UserError(f"judge URL must start with http:// or https://, got {url!r}", where="judge url",
-                            fix="pass the endpoint, e.g. http://127.0.0.1:8000/v1")
+            raise UserError(
+                f"judge URL must start with http:// or https://, got {url!r}",
+                where="judge url",
+                fix="pass the endpoint, e.g. http://127.0.0.1:8000/v1",
+            )
         self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
         self.name = f"chat judge {model} at {self.url}"
         self.model, self.api_key, self.timeout = model, api_key, timeout
@@ -138,15 +150,17 @@ class ChatJudge:
             raise UserError(f"judge endpoint answered HTTP {err.code}: {detail}", where=self.url, fix=fix) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
             reason = getattr(err, "reason", err)
-            raise UserError(f"judge endpoint unreachable or timed out after {self.timeout:g} s: {reason}",
-                            where=self.url, fix=fix) from None
+            raise UserError(
+                f"judge endpoint unreachable or timed out after {self.timeout:g} s: {reason}", where=self.url, fix=fix
+            ) from None
         except json.JSONDecodeError:
             raise UserError("judge endpoint did not answer JSON", where=self.url, fix=fix) from None
         try:
             return reply["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise UserError(f"judge reply has no choices[0].message.content: {str(reply)[:200]}", where=self.url,
-                            fix=fix) from None
+            raise UserError(
+                f"judge reply has no choices[0].message.content: {str(reply)[:200]}", where=self.url, fix=fix
+            ) from None
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float | None]:
         triples = list(zip(prompts, a, b))
