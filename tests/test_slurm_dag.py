@@ -200,17 +200,37 @@ def test_clear_errors_without_sbatch_or_without_jobs(tmp_path):
     assert "`sbatch` is not on PATH" in proc.stderr and "slurm/local/start.sh" in proc.stderr
 
 
-def test_submit_twice_resume_while_running_and_cancel(slurm_cluster, tmp_path):
+def wait_for_state(run_dir: Path, stage: str, states: tuple[str, ...], timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = {s.name: s for s in dag_status(run_dir, tail=0)}[stage]
+        if status.state in states:
+            return status
+        time.sleep(1)
+    pytest.fail(f"{stage} in {run_dir} not in {states} after {timeout} s (last: {status.state})")
+
+
+def test_requeued_stage_continues_and_running_dags_are_protected(slurm_cluster, tmp_path):
+    """A preempted (requeued) stage runs again, appending to its logs; submit/resume refuse a running DAG."""
     run_dir = tmp_path / "run"
     cli("slurm", "submit", str(TINY), "--out", str(run_dir), *FAST, check=True)
     try:
+        base = wait_for_state(run_dir, "base", ("RUNNING",))
+        subprocess.run(["scontrol", "requeue", base.job_id], check=True)
+        # SLURM holds a requeued job back for two minutes (Reason=BeginTime); let it start again now.
+        wait_for_state(run_dir, "base", ("PENDING",), timeout=60)
+        subprocess.run(["scontrol", "update", f"JobId={base.job_id}", "StartTime=now"], check=True)
         again = cli("slurm", "submit", str(TINY), "--out", str(run_dir), *FAST)
         assert again.returncode == 2 and "already has queued or running stages" in again.stderr, again.stderr
         early = cli("slurm", "resume", str(run_dir))
         assert early.returncode == 2 and "still going" in early.stderr, early.stderr
+        assert wait_for_state(run_dir, "base", ("COMPLETED", "FAILED")).state == "COMPLETED"
+        log = (run_dir / "slurm" / "logs" / "base.out").read_text()
+        assert log.count("stage base: job") == 2 and "restart 1" in log, log
+        assert (run_dir / "base" / "manifest.json").is_file()
     finally:
         out = cli("slurm", "cancel", str(run_dir), check=True).stdout
-    assert "ppo (job" in out and "eval (job" in out, out  # base may have finished meanwhile
+    assert "ppo (job" in out and "eval (job" in out, out
     deadline = time.monotonic() + 60
     while any(s.state not in ("CANCELLED", "COMPLETED") for s in dag_status(run_dir)) and time.monotonic() < deadline:
         time.sleep(1)
