@@ -136,13 +136,18 @@ def test_format_length_in_tokens_with_a_tokenizer(gpt2_tokenizer):
     assert format_checks.response_length(text, gpt2_tokenizer) > format_checks.response_length(text) == 5
 
 
-@pytest.fixture(scope="module")
-def gpt2_tokenizer():
+def _gpt2_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     from nemo_rlhf.spec.paths import data_root
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(data_root("auto") / "tokenizers/gpt2/tokenizer.json"))
+    path = data_root("auto") / "tokenizers/gpt2/tokenizer.json"
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return _gpt2_tokenizer()
 
 
 # ---------------------------------------------------------------- instruction following
@@ -219,3 +224,39 @@ def test_instruction_finding_compares_with_the_baseline():
     finding = instructions.instruction_finding(cand, base, instruction_max_drop=0.1)
     assert finding.severity == "fail" and finding.value == pytest.approx(0.3) and len(finding.details["cases"]) == 3
     assert instructions.instruction_finding(cand, base, instruction_max_drop=0.35).severity == "info"
+
+
+def test_lm_eval_scores_gold_solutions_as_we_do(test_set):
+    pytest.importorskip("lm_eval")
+    sample = test_set[:100]
+    texts = [p.answer for p in sample] + [p.answer.split("####")[0] + "#### 123456789" for p in sample]
+    agreement = capability.lm_eval_agreement(texts, sample + sample)
+    assert agreement.ours_correct == 100 and agreement.agree == {"strict-match": 200, "flexible-extract": 200}
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(tmp_path_factory):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nemo_rlhf.models.chat_templates import CHAT_TEMPLATES
+
+    path = tmp_path_factory.mktemp("tiny_policy")
+    tokenizer = _gpt2_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATES["chatml"]
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=1024, vocab_size=len(tokenizer))
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_checkpoint_path_is_deterministic_and_scores_every_question(tiny_policy):
+    problems = capability.gsm8k_subset(6, 3)
+    first = capability.score_checkpoint(tiny_policy, problems, n_boot=100, max_new_tokens=6, batch_size=4)
+    again = capability.score_checkpoint(tiny_policy, problems, n_boot=100, max_new_tokens=6, batch_size=3)
+    assert first.responses == again.responses and set(first.correct) == {p.source_line for p in problems}
+    assert first.not_gsm8k == 0
+    rows = instructions.checkpoint_rows(tiny_policy, instructions.load_instructions()[:3], max_new_tokens=4)
+    assert [r["prompt"] for r in rows] == [i.prompt for i in instructions.load_instructions()[:3]]
+    assert all(isinstance(r["finished"], bool) for r in rows)
