@@ -78,9 +78,14 @@ def test_shipped_reference_files_are_the_upstream_ones(upstream_reference):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_every_rendered_key_exists_upstream(recipe, tmp_path):
-    stages = render_pipeline(load_spec(recipe), tmp_path)
-    assert [s.name for s in stages] == ["convert", "sft", "rm", "ppo", "export", "eval"]
-    assert [s.after for s in stages] == [(), ("convert",), ("sft",), ("rm",), ("ppo",), ("export",)]
+    spec = load_spec(recipe)
+    stages = render_pipeline(spec, tmp_path)
+    names, after = ["convert", "sft", "rm", "ppo", "export", "eval"], [(), ("convert",), ("sft",), ("rm",), ("ppo",),
+                                                                       ("export",)]
+    if not spec.cluster.data.sft_train:  # no ready-made files: the data stage writes them first
+        names, after = ["data", *names], [(), (), ("convert", "data"), *after[2:]]
+    assert [s.name for s in stages] == names
+    assert [s.after for s in stages] == after
     for config in aligner_config.CONFIG_FILES:
         path = tmp_path / "configs" / f"{config}.yaml"
         assert upstream_key_problems(path, config) == [], config
@@ -187,3 +192,53 @@ def test_sbatch_test_only_accepts_every_script(slurm_cluster, tmp_path):
         proc = subprocess.run(["sbatch", "--test-only", str(stage.script)], capture_output=True, text=True,
                               timeout=60)
         assert proc.returncode == 0 and "to start at" in proc.stderr, (stage.name, proc.stderr)
+
+
+def test_data_stage_feeds_the_configs_and_every_stage_records_its_manifest(tmp_path):
+    spec = load_spec(REPO / "recipes" / "qwen2.5-0.5b-cluster.yaml")
+    stages = {s.name: s for s in render_pipeline(spec, tmp_path)}
+    data = (tmp_path / "data.sbatch").read_text()
+    assert "--gpus-per-node" not in data and "--exclusive" not in data  # CPU only
+    assert "prepare-aligner" in _words(tmp_path / "data.sbatch") and "record-stage" not in data
+    sft = yaml.safe_load((tmp_path / "configs" / "sft.yaml").read_text())
+    assert sft["model"]["data"]["train_ds"]["file_path"] == f"{tmp_path}/data/sft_train.jsonl"
+    assert sft["model"]["data"]["chat"] is False and sft["model"]["data"]["train_ds"]["prompt_template"] == "{input}{output}"
+    assert sft["model"]["data"]["train_ds"]["add_eos"] is False and sft["model"]["data"]["train_ds"]["label_key"] == "output"
+    rm = yaml.safe_load((tmp_path / "configs" / "rm.yaml").read_text())
+    assert rm["model"]["data"]["data_prefix"]["train"] == [f"{tmp_path}/data/rm_train.jsonl"]
+    actor = yaml.safe_load((tmp_path / "configs" / "ppo_actor.yaml").read_text())
+    assert actor["model"]["data"]["data_prefix"]["validation"] == [f"{tmp_path}/data/ppo_val.jsonl"]
+    for name, stage in stages.items():
+        text = stage.script.read_text()
+        assert subprocess.run(["bash", "-n", str(stage.script)], capture_output=True).returncode == 0, name
+        assert f"rm -f -- {tmp_path}/{name}/manifest.json" in text and "NEMO_RLHF_STAGE_STARTED_AT" in text
+        if name == "data":
+            continue
+        words = _words(stage.script)
+        record = words.index("record-stage")
+        assert words[record + 1: record + 3] == [str(tmp_path), name], name
+        assert text.rfind("record-stage") > max(text.rfind(w) for w in ("train_gpt_sft.py", "train_reward_model.py",
+                                                                         "train_gpt_ppo_actor.py", "nemo-to-hf",
+                                                                         "exported_eval", "hf-to-nemo")), name
+    ppo = _words(tmp_path / "ppo.sbatch")
+    assert ppo[ppo.index("record-stage"):].count("--parent") == 3 and "--het-group=1" in ppo
+
+
+def test_partial_aligner_data_is_refused(tmp_path):
+    with pytest.raises(UserError, match="cluster.data"):
+        load_spec(REPO / "recipes" / "qwen2.5-0.5b-cluster.yaml", ["cluster.data.sft_train=/x.jsonl"])
+
+
+def test_rendered_configs_resume_after_preemption(tmp_path):
+    render_pipeline(load_spec(RECIPES[0]), tmp_path)
+    for config in aligner_config.CONFIG_FILES:
+        cfg = yaml.safe_load((tmp_path / "configs" / f"{config}.yaml").read_text())
+        em = cfg["exp_manager"]
+        assert em["resume_if_exists"] is True and em["resume_ignore_no_checkpoint"] is True, config
+        assert em["create_checkpoint_callback"] is True, config
+        assert em["checkpoint_callback_params"]["save_nemo_on_train_end"] is True, config
+        if config != "ppo_critic":  # a run timer would end training early with exit 0
+            assert cfg["trainer"]["max_time"] is None, config
+    for script in tmp_path.glob("*.sbatch"):
+        text = script.read_text()
+        assert "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text, script.name

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_rlhf.data.aligner_format import SFT_CONFIG_SETTINGS
 from nemo_rlhf.slurm.preflight import StageLayout
 from nemo_rlhf.spec.architectures import ModelDims
 from nemo_rlhf.spec.hyperparams import nemo_settings
@@ -121,15 +122,22 @@ def _stage_settings(spec: PipelineSpec, config: str, dims: ModelDims, paths: Sta
         "exp_manager.explicit_log_dir": paths.log_dir,
         # The .nemo lands at <log_dir>/checkpoints/<name>.nemo: a fixed name lets the next stage find it.
         "exp_manager.name": config,
-        "exp_manager.resume_if_exists": True,  # a requeued (preempted) job continues from its last checkpoint
-        "exp_manager.resume_ignore_no_checkpoint": True,
+        # Preemption: a requeued job continues from its last checkpoint (NeMo's exp_manager writes last.ckpt:
+        # CallbackParams.save_last defaults to True; that key is not in the upstream YAMLs, so it is not set).
+        "exp_manager.resume_if_exists": True,
+        "exp_manager.resume_ignore_no_checkpoint": True,  # the first run has no checkpoint yet
+        "exp_manager.create_checkpoint_callback": True,
         "exp_manager.checkpoint_callback_params.save_nemo_on_train_end": True,  # the next stage reads the .nemo
         "model.megatron_amp_O2": bf16,
         "model.optim.name": "distributed_fused_adam" if spec.cluster.distributed_optimizer else "fused_adam",
     }
+    if config != "ppo_critic":
+        # No run timer: a run stopped by trainer.max_time exits 0 and would be recorded as finished. Runs
+        # cut short by SLURM's time limit fail instead, and `slurm resume` continues them from the checkpoint.
+        common["trainer.max_time"] = None
     ppo_seq = spec.ppo.prompt_max_length + spec.ppo.response_length
     if config == "sft":
-        return {**common,
+        return {**common, **SFT_CONFIG_SETTINGS,
                 "model.restore_from_path": paths.restore,
                 "model.encoder_seq_length": dims.seq_length,
                 "model.data.train_ds.file_path": paths.train,

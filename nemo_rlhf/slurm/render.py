@@ -1,15 +1,25 @@
 """Render a `scale: large` spec: NeMo-Aligner configs and one sbatch script per stage.
 
-    convert -> sft -> rm -> ppo -> export -> eval
+    [data] + convert -> sft -> rm -> ppo -> export -> eval
+
+`data` (a CPU-only job) is there when the spec gives no `cluster.data.*` files: it writes the
+NeMo-Aligner jsonl files from the small-scale rows (`nemo-rlhf data prepare-aligner`) into
+RUN_DIR/data/, and the configs read them from there.
 
 `render_pipeline(spec, out_dir)` writes into `out_dir` (the run directory; it must be on the
 cluster's shared filesystem and is mounted into the container at the same path):
 
     <stage>.sbatch                 one per stage (ppo: one heterogeneous job)
     configs/{sft,rm,ppo_actor,ppo_critic}.yaml   full NeMo-Aligner configs (nemo_rlhf.slurm.aligner_config)
+    data/                          the NeMo-Aligner data files (when the spec names none)
     spec.yaml                      the resolved spec (the eval stage reads it)
     logs/                          sbatch and srun output, one pair of files per stage / component
-    convert/ sft/ rm/ ppo/ export/ eval/   what each stage writes
+    convert/ sft/ rm/ ppo/ export/ eval/   what each stage writes, and its manifest.json
+
+Every script exports NEMO_RLHF_STAGE_STARTED_AT, removes its stage's old manifest, runs its steps
+and, when they all succeeded, `nemo-rlhf lineage record-stage` (in the container, one task), which
+writes RUN_DIR/<stage>/manifest.json: how `slurm resume` knows the stage has finished. The data
+stage's own command writes that manifest.
 
 It runs preflight first (nothing is written for a spec that would fail on the cluster). Every value
 reaching a script is quoted by the templates' filters (`q` for shell words, `sq` for #SBATCH lines);
@@ -26,6 +36,8 @@ import jinja2
 import yaml
 
 from nemo_rlhf.errors import UserError
+from nemo_rlhf.lineage.manifest import MANIFEST
+from nemo_rlhf.lineage.record import STARTED_ENV
 from nemo_rlhf.slurm import aligner_config
 from nemo_rlhf.slurm.aligner_config import StagePaths
 from nemo_rlhf.slurm.preflight import StageLayout, run_preflight
@@ -38,6 +50,7 @@ from nemo_rlhf.spec.schema import PipelineSpec
 TEMPLATES = Path(__file__).parent / "templates"
 STAGES = ("convert", "sft", "rm", "ppo", "export", "eval")
 AFTER = {"convert": (), "sft": ("convert",), "rm": ("sft",), "ppo": ("rm",), "export": ("ppo",), "eval": ("export",)}
+DATA_FILES = ("sft_train", "sft_val", "rm_train", "rm_val", "ppo_train", "ppo_val")  # = aligner_format.FILES
 SCRIPTS = {  # NeMo-Aligner entry points, relative to cluster.aligner_repo
     "sft": "examples/nlp/gpt/train_gpt_sft.py",
     "rm": "examples/nlp/gpt/train_reward_model.py",
@@ -81,6 +94,11 @@ class RunPaths:
     def exported(self, stage: str) -> Path:
         return self.root / "export" / stage / MODEL_DIR
 
+    @property
+    def data(self) -> Path:
+        """Where the data stage writes the NeMo-Aligner jsonl files."""
+        return self.root / "data"
+
 
 @dataclass
 class Job:
@@ -104,6 +122,7 @@ class Step:
     argv: list[str]
     output: str
     error: str
+    srun_options: tuple[str, ...] = ()  # e.g. one task for a step that is not the training program
 
 
 def _environment() -> jinja2.Environment:
@@ -146,8 +165,43 @@ def check_script_values(spec: PipelineSpec, out_dir: Path) -> None:
                             "the run directory)")
 
 
+def has_data_stage(spec: PipelineSpec) -> bool:
+    """True when the spec names no NeMo-Aligner data files (a data stage writes them).
+
+    Raises:
+        UserError: some `cluster.data.*` files are given and others not.
+    """
+    given = vars(spec.cluster.data)
+    named = [k for k, v in given.items() if v]
+    if named and len(named) != len(given):
+        missing = [f"cluster.data.{k}" for k, v in given.items() if not v]
+        raise UserError(f"cluster.data names {len(named)} of its {len(given)} files; missing: {', '.join(missing)}",
+                        where="cluster.data",
+                        fix="give all six NeMo-Aligner files, or none: then a `data` stage writes them from the "
+                            "spec's data.* rows (the ones the small-scale run trains on)")
+    return not named
+
+
+def data_files(spec: PipelineSpec, paths: RunPaths) -> dict[str, str]:
+    """The six NeMo-Aligner data files the configs read (container paths), by name (sft_train, ...)."""
+    if has_data_stage(spec):
+        return {name: str(paths.data / f"{name}.jsonl") for name in DATA_FILES}
+    return {name: getattr(spec.cluster.data, name) for name in DATA_FILES}
+
+
+def stage_order(spec: PipelineSpec) -> list[tuple[str, tuple[str, ...]]]:
+    """(stage, the stages it waits for) in submission order."""
+    if not has_data_stage(spec):
+        return [(stage, AFTER[stage]) for stage in STAGES]
+    return [("data", ()), *((stage, (*AFTER[stage], "data") if stage == "sft" else AFTER[stage]) for stage in STAGES)]
+
+
 def _job(spec: PipelineSpec, stage: str, layout: StageLayout | None, paths: RunPaths, suffix: str = "") -> Job:
     c = spec.cluster
+    if stage == "data":  # CPU only: tokenizing and writing jsonl files
+        return Job(name=f"{spec.name}-data", nodes=1, tasks_per_node=1, gpus_per_node=0, time=c.time_limit,
+                   account=c.account, partition=c.partition, exclusive=False,
+                   output=str(paths.logs / "data.out"), error=str(paths.logs / "data.err"))
     if layout is None:  # a one-GPU tool stage: convert, export, eval
         nodes, tasks, gpus, time = 1, 1, 1, c.time_limit
     else:
@@ -173,6 +227,11 @@ def _step(comment: str, argv: list[str], paths: RunPaths, log: str) -> Step:
 
 
 def _tool_steps(spec: PipelineSpec, stage: str, paths: RunPaths) -> list[Step]:
+    if stage == "data":
+        return [_step("the NeMo-Aligner data files from the small-scale rows, checked token for token against "
+                      "the TRL formatting (writes data/manifest.json last)",
+                      _tool_argv(spec, "data", "prepare-aligner", str(paths.root / "spec.yaml"), "--out",
+                                 str(paths.data)), paths, "data")]
     if stage == "convert":
         return [_step("HF -> .nemo with the conversion certificate (nemo-rlhf convert)", _tool_argv(
             spec, "convert", "hf-to-nemo", "--hf", spec.model.path, "--out", str(paths.base_nemo), "--overwrite"),
@@ -211,7 +270,10 @@ def render_pipeline(spec: PipelineSpec, out_dir: Path) -> list[RenderedStage]:
     mounts = ",".join([*map(str, spec.cluster.mounts), f"{out_dir}:{out_dir}"])
     common = {"name": spec.name, "image": spec.cluster.container_image, "mounts": mounts}
     rendered = []
-    for stage in STAGES:
+    files = data_files(spec, paths)
+    for stage, after in stage_order(spec):
+        record = _record_step(spec, stage, paths, files, after)
+        manifest = str(paths.root / stage / MANIFEST)
         if stage == "ppo":
             text = env.get_template("ppo.sbatch.j2").render(
                 **common, critic_job=_job(spec, "ppo", report.layouts["critic"], paths, "-critic"),
@@ -219,7 +281,8 @@ def render_pipeline(spec: PipelineSpec, out_dir: Path) -> list[RenderedStage]:
                 port=spec.parallel.critic.port, nccl_algo=spec.cluster.nccl_algo, critic_startup_s=CRITIC_STARTUP_S,
                 mkdirs=[str(paths.logs), str(paths.results("ppo_critic")), str(paths.results("ppo_actor"))],
                 critic=_step("critic", _aligner_argv(spec, "ppo_critic", paths), paths, "ppo-critic"),
-                actor=_step("actor", _aligner_argv(spec, "ppo_actor", paths), paths, "ppo-actor"))
+                actor=_step("actor", _aligner_argv(spec, "ppo_actor", paths), paths, "ppo-actor"),
+                record=record, manifest=manifest, started_env=STARTED_ENV)
         else:
             layout = report.layouts.get(stage) if stage in ("sft", "rm") else None
             if layout is not None:
@@ -229,27 +292,62 @@ def render_pipeline(spec: PipelineSpec, out_dir: Path) -> list[RenderedStage]:
                 steps = _tool_steps(spec, stage, paths)
                 mkdirs = [str(paths.logs), str(out_dir / stage)]
             text = env.get_template("stage.sbatch.j2").render(
-                **common, job=_job(spec, stage, layout, paths), stage=stage, what=_WHAT[stage], steps=steps,
-                mkdirs=mkdirs, resume=_RESUME["aligner" if layout else "tool"])
+                **common, job=_job(spec, stage, layout, paths), stage=stage, what=_WHAT[stage],
+                steps=steps + ([record] if record else []), mkdirs=mkdirs, manifest=manifest,
+                started_env=STARTED_ENV, resume=_RESUME["aligner" if layout else stage if stage == "data" else "tool"])
         script = out_dir / f"{stage}.sbatch"
         script.write_text(text, encoding="utf-8")
-        rendered.append(RenderedStage(name=stage, script=script, after=AFTER[stage]))
+        rendered.append(RenderedStage(name=stage, script=script, after=after))
     return rendered
 
 
+def _record_step(spec: PipelineSpec, stage: str, paths: RunPaths, files: dict[str, str],
+                 after: tuple[str, ...]) -> Step | None:
+    """`nemo-rlhf lineage record-stage` for a stage (None for `data`, whose command writes its manifest)."""
+    configs, inputs, outputs, parents = [], [], [], list(after)
+    if stage == "data":
+        return None
+    if stage == "convert":
+        inputs, outputs = [spec.model.path], [paths.base_nemo]
+    elif stage in ("sft", "rm"):
+        configs, outputs = [paths.configs / f"{stage}.yaml"], [paths.nemo(stage)]
+        inputs = [files[f"{stage}_train"], files[f"{stage}_val"]]
+    elif stage == "ppo":  # the critic is stopped, not finished: only the actor saves its .nemo
+        configs = [paths.configs / "ppo_actor.yaml", paths.configs / "ppo_critic.yaml"]
+        inputs, outputs, parents = [files["ppo_train"], files["ppo_val"]], [paths.nemo("ppo_actor")], ["sft", "rm"]
+    elif stage == "export":
+        outputs, parents = [paths.exported(s) for s in ("sft", "rm", "ppo")], ["sft", "rm", "ppo"]
+    else:  # eval
+        outputs = [paths.root / "eval"]
+    if stage == "rm" and spec.rm.init_from != "sft":
+        parents = ["convert"]
+    if has_data_stage(spec) and stage in ("sft", "rm", "ppo") and "data" not in parents:
+        parents.append("data")
+    argv = ["lineage", "record-stage", str(paths.root), stage]
+    for flag, values in (("--config", configs), ("--input", inputs), ("--output", outputs), ("--parent", parents)):
+        for value in values:
+            argv += [flag, str(value)]
+    step = _step(f"lineage: RUN_DIR/{stage}/manifest.json marks the stage finished (slurm resume skips it)",
+                 _tool_argv(spec, *argv), paths, f"{stage}-record")
+    step.srun_options = ("--nodes=1", "--ntasks=1")
+    return step
+
+
 _RESUME = {"aligner": "NeMo resumes from its last checkpoint (exp_manager.resume_if_exists).",
-           "tool": "the step starts over (--overwrite replaces a partial output)."}
-_WHAT = {"convert": "HF -> .nemo", "sft": "supervised fine-tuning", "rm": "reward model",
+           "tool": "the step starts over (--overwrite replaces a partial output).",
+           "data": "the files are written again (each one atomically, the manifest last)."}
+_WHAT = {"data": "NeMo-Aligner data files", "convert": "HF -> .nemo", "sft": "supervised fine-tuning", "rm": "reward model",
          "export": ".nemo -> HF", "eval": "evaluation"}
 
 
 def _write_configs(spec: PipelineSpec, layouts: dict[str, StageLayout], dims, paths: RunPaths) -> None:
-    d = spec.cluster.data
+    d = data_files(spec, paths)
     rm_start = paths.nemo("sft") if spec.rm.init_from == "sft" else paths.base_nemo
     stage_paths = {
-        "sft": StagePaths(str(paths.results("sft")), str(paths.base_nemo), d.sft_train, d.sft_val),
-        "rm": StagePaths(str(paths.results("rm")), str(rm_start), d.rm_train, d.rm_val),
-        "ppo_actor": StagePaths(str(paths.results("ppo_actor")), str(paths.nemo("sft")), d.ppo_train, d.ppo_val),
+        "sft": StagePaths(str(paths.results("sft")), str(paths.base_nemo), d["sft_train"], d["sft_val"]),
+        "rm": StagePaths(str(paths.results("rm")), str(rm_start), d["rm_train"], d["rm_val"]),
+        "ppo_actor": StagePaths(str(paths.results("ppo_actor")), str(paths.nemo("sft")), d["ppo_train"],
+                                d["ppo_val"]),
         "ppo_critic": StagePaths(str(paths.results("ppo_critic")), str(paths.nemo("rm"))),
     }
     for config, layout_name in aligner_config.CONFIG_LAYOUT.items():

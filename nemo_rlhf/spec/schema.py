@@ -267,9 +267,14 @@ class GateConfig:
 
 @dataclass
 class AlignerDataConfig:
-    """Large scale: data files in NeMo-Aligner's formats, as paths inside the container."""
+    """Large scale: ready-made data files in NeMo-Aligner's formats, as paths inside the container.
 
-    sft_train: Optional[str] = _f(None, "SFT jsonl ({input, output} rows) for train_gpt_sft.py.")
+    Give all six or none. With none, the pipeline's `data` stage writes them from `data.*` (the rows
+    the small-scale run trains on; `nemo-rlhf data prepare-aligner`), which is what keeps both
+    scales on the same data. Files given here must use the same formats (nemo_rlhf/data/aligner_format.py).
+    """
+
+    sft_train: Optional[str] = _f(None, "SFT jsonl: {input: prompt up to the assistant turn, output: response + EOS}.")
     sft_val: Optional[str] = _f(None, "SFT validation jsonl.")
     rm_train: Optional[str] = _f(None, "Comparison jsonl ({text} rows, chosen then rejected), train_reward_model.py.")
     rm_val: Optional[str] = _f(None, "Comparison validation jsonl.")
@@ -297,7 +302,9 @@ class ClusterConfig:
         True, "model.optim.name distributed_fused_adam (optimizer states sharded over DP) instead of fused_adam."
     )
     nccl_algo: str = _f("Tree", "NCCL_ALGO for the PPO job (NeMo-Aligner: deterministic log-probs across passes).")
-    data: AlignerDataConfig = _f(AlignerDataConfig, "Training data in NeMo-Aligner formats (container paths).")
+    data: AlignerDataConfig = _f(
+        AlignerDataConfig, "Ready-made NeMo-Aligner data files (container paths); none = a data stage writes them."
+    )
 
 
 @dataclass

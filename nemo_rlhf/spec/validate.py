@@ -34,8 +34,9 @@ TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 # Large scale: every one of these must be set (the cluster runs nothing without them).
 LARGE_REQUIRED = [
     "cluster.container_image",
-    *(f"cluster.data.{k}" for k in ("sft_train", "sft_val", "rm_train", "rm_val", "ppo_train", "ppo_val")),
 ]
+# NeMo-Aligner data files: all given, or none (a `data` stage then writes them from data.*).
+ALIGNER_DATA = [f"cluster.data.{k}" for k in ("sft_train", "sft_val", "rm_train", "rm_val", "ppo_train", "ppo_val")]
 
 POSITIVE_INTS = [
     "sft.max_steps",
@@ -158,6 +159,10 @@ def _cluster_problems(spec: PipelineSpec) -> list[str]:
         problems.append(f"parallel.critic.port: {spec.parallel.critic.port} is not a port in 1024..65535")
     if spec.scale == "large":
         problems += [f"{k}: required when scale is large" for k in LARGE_REQUIRED if not get(spec, k)]
+        missing = [k for k in ALIGNER_DATA if not get(spec, k)]
+        if 0 < len(missing) < len(ALIGNER_DATA):
+            problems.append(f"cluster.data: give all six NeMo-Aligner files or none (then a data stage writes "
+                            f"them from data.*); missing: {', '.join(missing)}")
         if spec.model.source != "hf_dir" or not spec.model.path:
             problems.append("model.source: large scale starts from an HF checkpoint on the cluster: set "
                             "model.source=hf_dir and model.path")
