@@ -10,12 +10,12 @@ from nemo_rlhf.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_rlhf.cli import convert, lineage, models, preflight, run, slurm, spec, verify
+    from nemo_rlhf.cli import convert, data, lineage, models, preflight, run, slurm, spec, verify
 
     parser = argparse.ArgumentParser(prog="nemo-rlhf", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nemo-rlhf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, models, convert, verify, lineage, spec, slurm, preflight):
+    for module in (run, models, convert, verify, lineage, spec, slurm, preflight, data):
         module.add_parser(sub)
     return parser
 
