@@ -79,7 +79,14 @@ def test_pair_rows_and_round_robin_names():
 def test_preference_finding_severities():
     prompts = [f"p{i}" for i in range(80)]
     lose = battles.battle(LongerJudge(), prompts, ["a"] * 80, ["b b"] * 80, n_boot=200)
-    assert battles.preference_finding(lose).severity == "fail" and lose.win_rate.estimate == 0.0
+    lost = battles.preference_finding(lose)
+    assert lost.severity == "fail" and lose.win_rate.estimate == 0.0
+    assert lost.details["cases"][0] == {
+        "prompt": "p0",
+        "response": "a",
+        "baseline_response": "b b",
+        "why": "longer preferred baseline in both orders",
+    }
     win = battles.battle(LongerJudge(), prompts, ["a a"] * 80, ["b"] * 80, n_boot=200)
     assert battles.preference_finding(win).severity == "info"
     mixed = battles.battle(LongerJudge(), prompts[:8], ["a a", "a"] * 4, ["b", "b b"] * 4, n_boot=200)

@@ -97,7 +97,9 @@ def test_regression_finding_fires_only_when_it_should():
     slightly = [b and rng.random() > 0.05 for b in base]
     fail = capability.capability_finding(_score(worse), _score(base), n_boot=500)
     assert fail.severity == "fail" and fail.detector == "capability_regression"
-    assert fail.value < -0.1 and fail.details["difference_ci"]["high"] < 0 and fail.details["cases"]
+    assert fail.value < -0.1 and fail.details["difference_ci"]["high"] < 0
+    case = fail.details["cases"][0]
+    assert case["prompt"].startswith("q") and case["response"] == "#### 0" and "gold 1" in case["why"]
     same = capability.capability_finding(_score(base), _score(base), n_boot=500)
     assert same.severity == "info" and same.value == 0.0
     better = capability.capability_finding(_score(base), _score(worse), n_boot=500)
@@ -128,6 +130,7 @@ def test_format_checks_each_failure():
     finding = format_checks.format_finding(rows, format_min_pass_rate=0.5, max_length=20)
     assert finding.severity == "fail" and finding.value == pytest.approx(2 / 7)
     assert finding.details["failures_by_check"] == {"eos": 1, "template": 3, "length": 1}
+    assert [c["why"] for c in finding.details["cases"]][:2] == ["format: eos", "format: template"]
     assert format_checks.format_finding(rows[:1] + rows[-1:], 0.9).severity == "info"
 
 
@@ -223,6 +226,8 @@ def test_instruction_finding_compares_with_the_baseline():
     assert cand.pass_rate == pytest.approx(0.7) and cand.unmatched_rows == 1
     finding = instructions.instruction_finding(cand, base, instruction_max_drop=0.1)
     assert finding.severity == "fail" and finding.value == pytest.approx(0.3) and len(finding.details["cases"]) == 3
+    case = finding.details["cases"][0]
+    assert case["prompt"] == single[7].prompt and case["why"].startswith("failed ")
     assert instructions.instruction_finding(cand, base, instruction_max_drop=0.35).severity == "info"
 
 
@@ -260,3 +265,8 @@ def test_checkpoint_path_is_deterministic_and_scores_every_question(tiny_policy)
     rows = instructions.checkpoint_rows(tiny_policy, instructions.load_instructions()[:3], max_new_tokens=4)
     assert [r["prompt"] for r in rows] == [i.prompt for i in instructions.load_instructions()[:3]]
     assert all(isinstance(r["finished"], bool) for r in rows)
+    chat = [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "?"}]
+    ]
+    (row,) = capability.checkpoint_responses(tiny_policy, chat, max_new_tokens=3)
+    assert row["prompt"].startswith("<|im_start|>user\nHi<|im_end|>") and row["prompt"].endswith("assistant\n")

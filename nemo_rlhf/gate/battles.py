@@ -120,6 +120,8 @@ class BattleResult:
     length_unit: str
     outcomes: list[float] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
+    candidate_responses: list[str] = field(default_factory=list)
+    baseline_responses: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         keys = (
@@ -199,6 +201,8 @@ def battle(
         length_unit="tokens" if tokenizer is not None else "words",
         outcomes=outcomes,
         prompts=list(prompts),
+        candidate_responses=list(candidate),
+        baseline_responses=list(baseline),
     )
 
 
@@ -242,8 +246,17 @@ def preference_finding(result: BattleResult, preference_min_win_rate: float = 0.
         w.estimate,
         preference_min_win_rate,
         message,
-        details={**result.to_dict(), "cases": [{"prompt": result.prompts[i]} for i in losses]},
+        details={**result.to_dict(), "cases": [_loss_case(result, i) for i in losses]},
     )
+
+
+def _loss_case(result: BattleResult, i: int) -> dict:
+    return {
+        "prompt": result.prompts[i],
+        "response": result.candidate_responses[i],
+        "baseline_response": result.baseline_responses[i],
+        "why": f"{result.judge} preferred {result.baseline} in both orders",
+    }
 
 
 def length_gap_finding(result: BattleResult, lc_max_gap: float = 0.1):

@@ -119,12 +119,14 @@ class GSM8KScore:
         accuracy: bootstrap interval of the mean.
         not_gsm8k: responses rows that were not GSM8K questions (0 for checkpoints).
         responses: the response text per question line (for the bad-case export).
+        problems: the question per line.
     """
 
     correct: dict[int, bool]
     accuracy: Interval
     not_gsm8k: int = 0
     responses: dict[int, str] = field(default_factory=dict)
+    problems: dict[int, MathProblem] = field(default_factory=dict)
 
 
 def score_responses(
@@ -140,6 +142,7 @@ def score_responses(
         accuracy=mean_ci([float(c) for c in correct], n_boot=n_boot, seed=seed),
         not_gsm8k=not_gsm8k,
         responses=dict(zip(keys, responses)),
+        problems=dict(zip(keys, problems)),
     )
 
 
@@ -159,19 +162,22 @@ def score_rows(rows: Sequence[dict], problems: Sequence[MathProblem] | None = No
 
 def checkpoint_responses(
     model_dir: str | Path,
-    questions: Sequence[str],
+    prompts: Sequence[str | list[dict]],
     max_new_tokens: int = 256,
     batch_size: int = 8,
     seed: int = 0,
     desc: str = "generating",
 ) -> list[dict]:
-    """Greedy responses of an HF checkpoint to user questions, as responses rows.
+    """Greedy responses of an HF checkpoint, as responses rows.
 
-    The question is the single user turn of the tokenizer's chat template (as in SFT and
-    PPO); generation is batched, left-padded, greedy, so the result is deterministic.
+    A prompt is a user question (the single user turn of the tokenizer's chat template, as
+    in SFT and PPO) or a conversation (a list of `{"role", "content"}` messages, e.g. a
+    held-out hh-rlhf prompt). Generation is batched, left-padded and greedy, so the result
+    is deterministic.
 
     Returns:
-        Rows `{"prompt": question, "response", "finished"}` in the order of `questions`.
+        Rows `{"prompt", "response", "finished"}` in the order of `prompts`; `prompt` is the
+        question as given, or the rendered conversation.
     """
     from transformers import AutoModelForCausalLM
 
@@ -181,11 +187,15 @@ def checkpoint_responses(
 
     tokenizer = load_tokenizer(Path(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    prompt_rows, _ = build_prompt_rows(tokenizer, [[{"role": "user", "content": q}] for q in questions], 1 << 20)
+    messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    prompt_rows, _ = build_prompt_rows(tokenizer, messages, 1 << 20)
     out = generate(
         model, tokenizer, [r["input_ids"] for r in prompt_rows], max_new_tokens, batch_size, False, seed, desc
     )
-    return [{"prompt": q, "response": g.text, "finished": g.finished} for q, g in zip(questions, out)]
+    return [
+        {"prompt": p if isinstance(p, str) else r["prompt_text"], "response": g.text, "finished": g.finished}
+        for p, r, g in zip(prompts, prompt_rows, out)
+    ]
 
 
 def score_checkpoint(
@@ -316,10 +326,19 @@ def capability_finding(
     skipped = {"candidate": candidate.not_gsm8k, "baseline": baseline.not_gsm8k}
     if any(skipped.values()):
         message += f" ({skipped['candidate']} candidate / {skipped['baseline']} baseline rows were not GSM8K questions)"
-    cases = [
-        {"gsm8k_line": k, "response": candidate.responses.get(k), "baseline_response": baseline.responses.get(k)}
-        for k in cmp.regressed_lines[:max_cases]
-    ]
+    cases = []
+    for k in cmp.regressed_lines[:max_cases]:
+        problem, response = candidate.problems[k], candidate.responses[k]
+        why = f"baseline right, candidate answered {extract_final_answer(response)} (gold {problem.final_answer})"
+        cases.append(
+            {
+                "prompt": problem.question,
+                "response": response,
+                "baseline_response": baseline.responses[k],
+                "why": why,
+                "gsm8k_line": k,
+            }
+        )
     return Finding(
         detector=DETECTOR,
         severity=severity,

@@ -114,6 +114,7 @@ def format_finding(
         {
             "prompt": rows[r.index]["prompt"],
             "response": rows[r.index]["response"],
+            "why": "format: " + ", ".join(r.failures),
             "failures": r.failures,
             "leaks": r.leaks,
             "length": r.length,

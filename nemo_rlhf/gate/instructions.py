@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -114,6 +114,7 @@ class InstructionScore:
     passed: dict[str, bool]
     verdicts: dict[str, dict[str, bool]]
     responses: dict[str, str]
+    prompts: dict[str, str] = field(default_factory=dict)
     unmatched_rows: int = 0
 
     @property
@@ -136,6 +137,7 @@ def score_rows(rows: Sequence[dict], instructions: Sequence[Instruction] | None 
         score.verdicts[item.id] = verdicts
         score.passed[item.id] = all(verdicts.values())
         score.responses[item.id] = row["response"]
+        score.prompts[item.id] = item.prompt
     return score
 
 
@@ -186,8 +188,10 @@ def instruction_finding(
             "candidate_pass_rate_by_kind": {k: sum(v) / len(v) for k, v in sorted(kinds.items())},
             "cases": [
                 {
-                    "id": k,
+                    "prompt": candidate.prompts[k],
                     "response": candidate.responses[k],
+                    "why": "failed " + ", ".join(c for c, ok in candidate.verdicts[k].items() if not ok),
+                    "id": k,
                     "baseline_response": baseline.responses[k],
                     "verdicts": candidate.verdicts[k],
                 }

@@ -19,6 +19,7 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -48,7 +49,12 @@ class RewardModelJudge:
         self.tokenizer.truncation_side = "left"  # the score is read at the end: keep the response
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size, self.max_length, self.tie_margin = batch_size, max_length, tie_margin
+        # Never past the model's positions: a longer text would index past its position table.
+        positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None
+        )
+        self.max_length = min(max_length, positions) if positions else max_length
+        self.batch_size, self.tie_margin = batch_size, tie_margin
         self._torch = torch
         self._cache: dict[tuple[str, str], float] = {}
 
@@ -116,9 +122,12 @@ class ChatJudge:
         model: the model name sent in the request.
         api_key: sent as a Bearer token when given.
         timeout: seconds per request.
+        concurrency: requests in flight at once (answers keep the prompts' order).
     """
 
-    def __init__(self, url: str, model: str = "judge", api_key: str | None = None, timeout: float = 60.0):
+    def __init__(
+        self, url: str, model: str = "judge", api_key: str | None = None, timeout: float = 60.0, concurrency: int = 4
+    ):
         if not url.startswith(("http://", "https://")):
             raise UserError(
                 f"judge URL must start with http:// or https://, got {url!r}",
@@ -127,7 +136,7 @@ class ChatJudge:
             )
         self.url = url if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
         self.name = f"chat judge {model} at {self.url}"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.model, self.api_key, self.timeout, self.concurrency = model, api_key, timeout, max(1, concurrency)
 
     def ask(self, prompt: str, a: str, b: str) -> str:
         """One request; returns the reply's text. Network and protocol problems are UserErrors."""
@@ -164,4 +173,8 @@ class ChatJudge:
 
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> list[float | None]:
         triples = list(zip(prompts, a, b))
-        return [parse_choice(self.ask(*t)) for t in tqdm(triples, desc="judge: chat endpoint", leave=False)]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            answers = pool.map(lambda t: self.ask(*t), triples)  # in order; the first error propagates
+            return [
+                parse_choice(x) for x in tqdm(answers, total=len(triples), desc="judge: chat endpoint", leave=False)
+            ]
