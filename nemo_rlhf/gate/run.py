@@ -1,0 +1,158 @@
+"""The gate's runner: responses in, verdict out.
+
+`run_gate(candidate, baseline, cfg)` walks the detector table (`nemo_rlhf.gate.detectors`)
+and the layer-1/2 checks (`LAYER_CHECKS`: capability, format, instruction following,
+pairwise battles), collecting their findings into a `GateResult`. `load_inputs` finds the
+two responses files (given, or the ones the small-scale eval stage wrote), `score_missing`
+fills in rewards with HF reward models, `write_report` writes findings.json and the bad
+cases for reviewers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from nemo_rlhf.data.jsonl import write_jsonl_atomic
+from nemo_rlhf.errors import UserError
+from nemo_rlhf.gate.detectors import DETECTORS
+from nemo_rlhf.gate.detectors.common import DEFAULT_SEED, skipped
+from nemo_rlhf.gate.findings import Finding, GateResult
+from nemo_rlhf.gate.responses import ResponseSet, check_same_prompts, read_responses
+from nemo_rlhf.spec.schema import GateConfig
+
+# The small-scale eval stage's files: <run>/eval/responses/<checkpoint>.jsonl.
+EVAL_STAGE, CANDIDATE, BASELINE = "eval", "ppo", "sft"
+
+
+def _rows(s: ResponseSet) -> list[dict]:
+    return [r.to_json() for r in s.final().rows]
+
+
+def capability_findings(candidate: ResponseSet, baseline: ResponseSet, cfg: GateConfig) -> list[Finding]:
+    """Layer 1: GSM8K exact match on the rows whose prompt is a GSM8K test question (gate.capability)."""
+    from nemo_rlhf.gate.capability import capability_finding, score_rows
+
+    kw = dict(n_boot=cfg.bootstrap_samples, seed=cfg.seed)
+    cand, base = score_rows(_rows(candidate), **kw), score_rows(_rows(baseline), **kw)
+    if cand is None or base is None:
+        return [skipped("capability_regression", "capability_regression", "no GSM8K test questions in the files")]
+    return [capability_finding(cand, base, cfg.thresholds.capability_drop, cfg.bootstrap_samples, cfg.seed,
+                               1 - cfg.confidence, cfg.max_cases)]
+
+
+def format_findings(candidate: ResponseSet, baseline: ResponseSet, cfg: GateConfig) -> list[Finding]:
+    """Layer 1: format compliance of the candidate (gate.format_checks)."""
+    from nemo_rlhf.gate.format_checks import format_finding
+
+    return [format_finding(_rows(candidate), cfg.thresholds.format_min_pass_rate, max_cases=cfg.max_cases)]
+
+
+def instruction_findings(candidate: ResponseSet, baseline: ResponseSet, cfg: GateConfig) -> list[Finding]:
+    """Layer 1: the instruction-following set, where the files answer its prompts (gate.instructions)."""
+    from nemo_rlhf.gate.instructions import instruction_finding, score_rows
+
+    cand, base = score_rows(_rows(candidate)), score_rows(_rows(baseline))
+    if not cand.passed or not base.passed:
+        return [skipped("instruction_following", "instruction_following", "no instruction-set prompts in the files")]
+    return [instruction_finding(cand, base, cfg.thresholds.instruction_max_drop, cfg.max_cases)]
+
+
+# Layer 1/2 checks, each `(candidate, baseline, cfg) -> list[Finding]`, after the detectors.
+# Pairwise battles (gate.battles) need a judge model: see `battle_findings`.
+LAYER_CHECKS: list[Callable[[ResponseSet, ResponseSet, GateConfig], list[Finding]]] = [
+    capability_findings,
+    format_findings,
+    instruction_findings,
+]
+
+
+def resolve_config(cfg: GateConfig | None, spec_seed: int | None = None) -> GateConfig:
+    """The gate config with its seed filled in (gate.seed, else the spec's seed, else the default)."""
+    cfg = cfg or GateConfig()
+    seed = cfg.seed if cfg.seed is not None else (spec_seed if spec_seed is not None else DEFAULT_SEED)
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def run_gate(candidate: ResponseSet, baseline: ResponseSet, cfg: GateConfig | None = None,
+             extra: list[Callable] = ()) -> GateResult:
+    """Every detector and layer check on candidate vs baseline.
+
+    Args:
+        candidate: the responses to judge (may hold several PPO `step`s; the last is judged,
+            the earlier ones feed reward_hacking's trajectory).
+        baseline: the reference responses (the SFT policy), on the same prompts.
+        cfg: the `gate` section; default thresholds when None.
+        extra: more checks of the same signature (e.g. battles with a judge).
+
+    Raises:
+        UserError: the two files are not on the same prompts.
+    """
+    check_same_prompts(candidate, baseline)
+    cfg = resolve_config(cfg)
+    findings: list[Finding] = []
+    for detector in [*DETECTORS.values(), *LAYER_CHECKS, *extra]:
+        findings += detector(candidate, baseline, cfg)
+    return GateResult(findings)
+
+
+def load_inputs(candidate: str | None, baseline: str | None, run_dir: str | None) -> tuple[ResponseSet, ResponseSet]:
+    """The two responses sets: the files given, or those of the eval stage in `run_dir` (ppo vs sft)."""
+    if candidate or baseline:
+        if not (candidate and baseline):
+            raise UserError("--candidate and --baseline go together",
+                            fix="pass both files: --candidate ppo.jsonl --baseline sft.jsonl")
+        return read_responses(candidate, "candidate"), read_responses(baseline, "baseline")
+    if not run_dir:
+        raise UserError("nothing to judge", fix="pass --candidate FILE --baseline FILE, or a SPEC with --run-dir DIR")
+    folder = Path(run_dir) / EVAL_STAGE / "responses"
+    files = {name: folder / f"{name}.jsonl" for name in (CANDIDATE, BASELINE)}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise UserError(f"the eval stage's responses are missing: {', '.join(missing)}",
+                        fix=f"run the pipeline through eval first: nemo-rlhf run SPEC --out {run_dir}")
+    return read_responses(files[CANDIDATE], CANDIDATE), read_responses(files[BASELINE], BASELINE)
+
+
+def score_missing(sets: list[ResponseSet], field: str, model_dir: str, batch_size: int = 8) -> int:
+    """Fills `field` (proxy_reward or gold_reward) where missing, with an HF reward model; returns how many."""
+    from nemo_rlhf.gate.judges import RewardModelJudge  # torch + transformers: only when asked for
+
+    todo = [r for s in sets for r in s.rows if getattr(r, field) is None]
+    if not todo:
+        return 0
+    judge = RewardModelJudge(model_dir, batch_size=batch_size)
+    for row, score in zip(todo, judge.scores([r.prompt for r in todo], [r.response for r in todo])):
+        setattr(row, field, float(score))
+    return len(todo)
+
+
+def write_report(result: GateResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """findings.json (the verdict, every finding) and badcases.jsonl (worst cases per check,
+    each with an empty `verdict` for a reviewer), each written to a temp file and renamed."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    findings_path, cases_path = out / "findings.json", out / "badcases.jsonl"
+    _write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    cases = [
+        {"detector": f.detector, "check": f.check, "severity": f.severity, **case, "verdict": ""}
+        for f in result.findings
+        for case in f.to_json(with_cases=True)["details"].get("cases", [])
+    ]
+    write_jsonl_atomic(cases_path, cases)
+    return findings_path, cases_path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
