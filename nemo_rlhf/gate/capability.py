@@ -22,7 +22,7 @@ paired per question (candidate - baseline on the same seeded subset), which need
 per-question verdicts from both paths anyway, and the responses-file path has no model for
 lm-eval to run; (3) it adds ~35 packages (evaluate, sacrebleu, nltk, rouge-score, ...) to a
 gate that needs torch + transformers only. Its answer regexes ("strict-match" after "####",
-"flexible-extract" last number) are the same rule as ours; `lm_eval_agreement` compares
+"flexible-extract" last number anywhere) are close to ours; `lm_eval_agreement` compares
 the two on the same outputs when lm-eval happens to be installed. Measured with lm-eval
 0.4.13 on the 1,319 test solutions: gold solutions "... #### N" agree 1319/1319 under both
 of its filters; solutions ending "The answer is N." agree 1319/1319 with flexible-extract
