@@ -160,6 +160,17 @@ def test_reward_models_score_missing_rewards(files, capsys, tmp_path):
                             "--gold-rm", str(tmp_path / "rm"), "gate.embeddings=false")
     safety = next(f for f in result["findings"] if f["detector"] == "safety_regression")
     assert safety["value"] == pytest.approx(0.0) and safety["severity"] == "info"  # scored, and identical
+    # The gold RM is also the default battle judge: identical files tie on every prompt.
+    preference = next(f for f in result["findings"] if f["detector"] == "preference")
+    assert preference["value"] == pytest.approx(0.5) and preference["details"]["ties"] == 4  # 4 prompts
+    assert any(f["detector"] == "length_controlled_gap" for f in result["findings"])
+
+
+def test_battles_are_skipped_without_a_judge(files, capsys):
+    code, result = run_json(capsys, "--candidate", str(files["healthy"]), "--baseline", str(files["baseline"]),
+                            "gate.embeddings=false")
+    preference = next(f for f in result["findings"] if f["detector"] == "preference")
+    assert preference["severity"] == "info" and "no --gold-rm" in preference["message"]
 
 
 def test_real_command_exit_codes(files, tmp_path):

@@ -31,7 +31,16 @@ def add_parser(sub) -> None:
 
 
 def run_eval(args) -> int:
-    from nemo_rlhf.gate.run import load_inputs, resolve_config, run_gate, score_missing, write_report
+    from nemo_rlhf.gate.run import (
+        battle_check,
+        load_inputs,
+        load_reward_model,
+        make_judge,
+        resolve_config,
+        run_gate,
+        score_missing,
+        write_report,
+    )
 
     cfg, seed = None, None
     if args.spec is not None and "=" in args.spec and not Path(args.spec).exists():
@@ -42,12 +51,16 @@ def run_eval(args) -> int:
         spec = load_spec(args.spec, args.overrides)
         cfg, seed = spec.gate, spec.seed
     candidate, baseline = load_inputs(args.candidate, args.baseline, args.run_dir)
+    cfg = resolve_config(cfg, seed)
     log = sys.stderr if args.json else sys.stdout
+    models = {}
     for field, model_dir in (("proxy_reward", args.proxy_rm), ("gold_reward", args.gold_rm)):
         if model_dir:
-            n = score_missing([candidate, baseline], field, model_dir)
+            models[field] = load_reward_model(model_dir)
+            n = score_missing([candidate, baseline], field, models[field])
             print(f"scored {n} responses' {field} with {model_dir}", file=log)
-    result = run_gate(candidate, baseline, resolve_config(cfg, seed))
+    judge = make_judge(cfg, models.get("gold_reward"))
+    result = run_gate(candidate, baseline, cfg, extra=[battle_check(judge)])
     if args.report:
         paths = write_report(result, args.report)
         print(f"report: {paths[0]}, {paths[1]}", file=log)

@@ -62,13 +62,46 @@ def instruction_findings(candidate: ResponseSet, baseline: ResponseSet, cfg: Gat
     return [instruction_finding(cand, base, cfg.thresholds.instruction_max_drop, cfg.max_cases)]
 
 
-# Layer 1/2 checks, each `(candidate, baseline, cfg) -> list[Finding]`, after the detectors.
-# Pairwise battles (gate.battles) need a judge model: see `battle_findings`.
+# Layer 1 checks, each `(candidate, baseline, cfg) -> list[Finding]`, after the detectors.
+# Layer 2 (pairwise battles) needs a judge model: `battle_check(make_judge(...))` joins them.
 LAYER_CHECKS: list[Callable[[ResponseSet, ResponseSet, GateConfig], list[Finding]]] = [
     capability_findings,
     format_findings,
     instruction_findings,
 ]
+
+
+def make_judge(cfg: GateConfig, gold_rm=None):
+    """The battles' judge named by `gate.judge`: the gold RM (a loaded `RewardModelJudge`, from
+    --gold-rm), an HF reward-model dir, or an OpenAI-compatible endpoint; None when gold_rm is
+    named but not given."""
+    from nemo_rlhf.gate.judges import ChatJudge, RewardModelJudge
+
+    if cfg.judge == "openai":
+        if not (cfg.judge_url and cfg.judge_model):
+            raise UserError("gate.judge is openai but gate.judge_url or gate.judge_model is not set",
+                            fix="set gate.judge_url=http://host:port/v1 gate.judge_model=NAME")
+        return ChatJudge(cfg.judge_url, cfg.judge_model)
+    if cfg.judge == "gold_rm":
+        return gold_rm
+    return RewardModelJudge(cfg.judge)
+
+
+def battle_check(judge) -> Callable[[ResponseSet, ResponseSet, GateConfig], list[Finding]]:
+    """Layer 2: candidate vs baseline judged in both orders, raw and length-controlled win rate (gate.battles)."""
+
+    def battles(candidate: ResponseSet, baseline: ResponseSet, cfg: GateConfig) -> list[Finding]:
+        if judge is None:
+            return [skipped("preference", "preference", "gate.judge is gold_rm and no --gold-rm was given")]
+        from nemo_rlhf.gate.battles import battle_rows, length_gap_finding, preference_finding
+
+        result = battle_rows(judge, _rows(candidate), _rows(baseline), names=(candidate.name, baseline.name),
+                             n_boot=cfg.bootstrap_samples, seed=cfg.seed, alpha=1 - cfg.confidence)
+        t = cfg.thresholds
+        return [preference_finding(result, t.preference_min_win_rate, cfg.max_cases),
+                length_gap_finding(result, t.lc_max_gap)]
+
+    return battles
 
 
 def resolve_config(cfg: GateConfig | None, spec_seed: int | None = None) -> GateConfig:
@@ -118,14 +151,26 @@ def load_inputs(candidate: str | None, baseline: str | None, run_dir: str | None
     return read_responses(files[CANDIDATE], CANDIDATE), read_responses(files[BASELINE], BASELINE)
 
 
-def score_missing(sets: list[ResponseSet], field: str, model_dir: str, batch_size: int = 8) -> int:
-    """Fills `field` (proxy_reward or gold_reward) where missing, with an HF reward model; returns how many."""
+def load_reward_model(model_dir: str, batch_size: int = 8):
+    """An HF reward model (AutoModelForSequenceClassification; the tokenizer's chat template when
+    it has one), batched with a progress bar: `nemo_rlhf.gate.judges.RewardModelJudge`."""
     from nemo_rlhf.gate.judges import RewardModelJudge  # torch + transformers: only when asked for
 
-    todo = [r for s in sets for r in s.rows if getattr(r, field) is None]
+    return RewardModelJudge(model_dir, batch_size=batch_size)
+
+
+def score_missing(sets: list[ResponseSet], field: str, judge) -> int:
+    """Fills `field` (proxy_reward or gold_reward) where missing with `judge.scores`; returns how many.
+
+    gold_reward is filled only on the rows that carry a proxy_reward when some do (the chat
+    prompts the pipeline scored, not its GSM8K rows), so safety_regression sees the same set.
+    """
+    rows = [r for s in sets for r in s.rows]
+    if field == "gold_reward" and any(r.proxy_reward is not None for r in rows):
+        rows = [r for r in rows if r.proxy_reward is not None]
+    todo = [r for r in rows if getattr(r, field) is None]
     if not todo:
         return 0
-    judge = RewardModelJudge(model_dir, batch_size=batch_size)
     for row, score in zip(todo, judge.scores([r.prompt for r in todo], [r.response for r in todo])):
         setattr(row, field, float(score))
     return len(todo)

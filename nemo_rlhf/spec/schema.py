@@ -195,6 +195,13 @@ class GateThresholds:
     )
     format_min_pass_rate: float = _f(0.9, "Format compliance: least share of responses passing every format check.")
     instruction_max_drop: float = _f(0.1, "Instruction following: largest allowed drop in pass rate vs baseline.")
+    # pairwise battles (layer 2)
+    preference_min_win_rate: float = _f(
+        0.5, "Pairwise battles: fail when the whole CI of the candidate's win rate (both orders) is below this."
+    )
+    lc_max_gap: float = _f(
+        0.1, "Pairwise battles: warn when the raw win rate exceeds the length-controlled one by more than this."
+    )
     # length_inflation
     length_max_ratio: float = _f(
         1.5, "Median response length candidate / baseline above which length inflated (if the shift is significant)."

@@ -238,7 +238,7 @@ GATE_UNIT_INTERVAL = [
     "capability_drop", "format_min_pass_rate", "instruction_max_drop", "truncation_max_increase",
     "reward_length_max_corr", "length_explained_max_share", "distinct_min_ratio", "self_bleu_max_increase",
     "cross_prompt_max_increase", "prompt_dependence_max_drop", "opening_max_increase", "empty_max_rate",
-    "loop_max_rate", "leak_max_rate",
+    "loop_max_rate", "leak_max_rate", "preference_min_win_rate", "lc_max_gap",
 ]
 GATE_POSITIVE = ["length_max_ratio", "length_p_value", "hacking_gold_drop", "kl_max_mean", "kl_max_single",
                  "opening_words"]
