@@ -42,7 +42,7 @@ def run_eval(args) -> int:
         write_report,
     )
 
-    cfg, seed = None, None
+    cfg, seed, source = None, None, "built-in defaults (see `nemo-rlhf spec explain gate`)"
     if args.spec is not None and "=" in args.spec and not Path(args.spec).exists():
         args.spec, args.overrides = None, [args.spec, *args.overrides]  # only overrides were given
     if args.spec is not None or args.overrides:
@@ -50,9 +50,12 @@ def run_eval(args) -> int:
 
         spec = load_spec(args.spec, args.overrides)
         cfg, seed = spec.gate, spec.seed
+        source = f"the gate section of {args.spec or 'the embedded recipe'}"
+        source += " with overrides" if args.overrides else ""
     candidate, baseline = load_inputs(args.candidate, args.baseline, args.run_dir)
     cfg = resolve_config(cfg, seed)
     log = sys.stderr if args.json else sys.stdout
+    print(f"thresholds: {source}", file=log)
     models = {}
     for field, model_dir in (("proxy_reward", args.proxy_rm), ("gold_reward", args.gold_rm)):
         if model_dir:
