@@ -34,11 +34,13 @@ def generate(
     sample: bool,
     seed: int,
     desc: str = "generating",
+    temperature: float = 1.0,
 ) -> list[Generated]:
     """Generate one response per prompt (token ids with the generation prompt applied).
 
-    Greedy when `sample` is False; otherwise ancestral sampling at temperature 1 with no
-    top-k/top-p, so log-ratio averages are unbiased KL estimates.
+    Greedy when `sample` is False; otherwise ancestral sampling at `temperature` (default 1)
+    with no top-k/top-p, so log-ratio averages (from `response_logprobs` at the same
+    temperature) are unbiased KL estimates.
     """
     torch.manual_seed(seed)
     model.eval()
@@ -48,7 +50,7 @@ def generate(
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+        options = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         result = model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -73,12 +75,15 @@ def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def response_logprobs(model, items: list[Generated], pad: int, batch_size: int) -> list[float]:
-    """Sum over response tokens of log p(token | prefix) under `model`."""
+def response_logprobs(
+    model, items: list[Generated], pad: int, batch_size: int, temperature: float = 1.0
+) -> list[float]:
+    """Sum over response tokens of log p(token | prefix) under `model` (logits / `temperature`, as TRL's PPO)."""
     totals = []
     for batch in _batches(items, batch_size):
         ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logprobs = torch.log_softmax(logits / temperature, dim=-1)
         token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         for row, g in enumerate(batch):
             start = len(g.prompt_ids) - 1  # logits at position t predict token t+1

@@ -4,17 +4,22 @@ GSM8K train is shuffled once with the spec's seed: the first `data.sft.num_examp
 rows train SFT and the next `data.prompts.gsm8k` questions are PPO prompts, so PPO never
 sees a question SFT was trained on. hh-rlhf pairs are split by a hash of the prompt into
 train (RM training and PPO prompts) and held-out (RM accuracy and the evaluation stage).
+The training split is shuffled once with the spec's seed: the proxy RM takes its first
+`data.preference.num_examples` pairs, the gold RM the next pairs whose prompts the proxy
+RM never saw (disjoint by pair and by prompt), PPO its prompts from the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from nemo_rlhf.data.gsm8k import MathProblem, load_gsm8k
-from nemo_rlhf.data.hh_rlhf import PreferencePair, load_preference_pairs, split_heldout
+from nemo_rlhf.data.hh_rlhf import PreferencePair, load_preference_pairs, prompt_key, split_heldout
+from nemo_rlhf.errors import UserError
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 
@@ -64,6 +69,51 @@ def preference_split(spec: PipelineSpec, root: Path) -> PreferenceSplit:
 def rm_train_pairs(spec: PipelineSpec, root: Path) -> list[PreferencePair]:
     train = _shuffled(preference_split(spec, root).train, spec.seed)
     return train[: spec.data.preference.num_examples or len(train)]
+
+
+def gold_rm_train_pairs(spec: PipelineSpec, root: Path) -> list[PreferencePair]:
+    """The gold RM's pairs: after the proxy RM's in the same seeded shuffle, none sharing a prompt with them.
+
+    Raises:
+        UserError: the proxy RM took every training pair (data.preference.num_examples = 0 or too large).
+    """
+    train = _shuffled(preference_split(spec, root).train, spec.seed)
+    proxy = rm_train_pairs(spec, root)
+    proxy_prompts = {prompt_key(p) for p in proxy}
+    rest = [p for p in train[len(proxy) :] if prompt_key(p) not in proxy_prompts]
+    if not rest:
+        raise UserError(
+            f"gold_rm: no preference pairs are left disjoint from the proxy RM's {len(proxy)} pairs",
+            where="gold_rm",
+            fix="lower data.preference.num_examples (the proxy RM's share) or set gold_rm.enabled=false",
+        )
+    n = spec.gold_rm.num_examples or spec.data.preference.num_examples or len(rest)
+    return rest[:n]
+
+
+def apply_rm_exploit(pairs: list[PreferencePair], exploit: str) -> tuple[list[PreferencePair], dict]:
+    """Plants a known flaw in reward-model training pairs (the controlled reward-hacking experiment).
+
+    `longer_wins`: the longer answer (in characters) becomes `chosen` in every pair; pairs
+    whose answers are equally long are dropped. `none` returns the pairs unchanged.
+
+    Returns:
+        `(pairs, report)`: report counts the pairs swapped, dropped and kept ({} for none).
+    """
+    if exploit == "none":
+        return list(pairs), {}
+    if exploit != "longer_wins":
+        raise UserError(f"unknown rm.exploit {exploit!r}", where="rm.exploit", fix="use none or longer_wins")
+    out, swapped, ties = [], 0, 0
+    for pair in pairs:
+        if len(pair.chosen) == len(pair.rejected):
+            ties += 1
+        elif len(pair.rejected) > len(pair.chosen):
+            swapped += 1
+            out.append(dataclasses.replace(pair, chosen=pair.rejected, rejected=pair.chosen))
+        else:
+            out.append(pair)
+    return out, {"exploit": exploit, "swapped": swapped, "dropped_ties": ties, "kept": len(out)}
 
 
 def ppo_chat_prompts(spec: PipelineSpec, root: Path) -> list[list[dict]]:

@@ -33,7 +33,7 @@ from nemo_rlhf.lineage.stage_dir import (
     run_dir_lock,
 )
 from nemo_rlhf.pipeline.stage import StageContext
-from nemo_rlhf.pipeline.stages import STAGES
+from nemo_rlhf.pipeline.stages import STAGES, stage_enabled
 from nemo_rlhf.spec.loader import spec_to_dict
 from nemo_rlhf.spec.paths import data_root
 from nemo_rlhf.spec.schema import PipelineSpec
@@ -65,7 +65,10 @@ def run_pipeline(
         for name in remove_leftovers(run_dir):
             log(f"removed the leftovers of an interrupted stage: {name}")
         for stage in STAGES:
-            outcomes.append(_run_one(stage, spec, run_dir, root, log))
+            if stage_enabled(stage, spec):
+                outcomes.append(_run_one(stage, spec, run_dir, root, log))
+            else:
+                log(f"[{stage.name}] off ({stage.name}.enabled is false)")
             if stage.name == until:
                 break
     return outcomes

@@ -144,10 +144,38 @@ class SFTConfig(TrainerConfig):
 
 
 @dataclass
-class RMConfig(TrainerConfig):
+class RMTrainingConfig(TrainerConfig):
+    """What the proxy and the gold reward model share."""
+
     lr: float = _f(1e-5, "Peak learning rate.")
     init_from: str = _f("sft", "Initial weights of the reward model: sft (InstructGPT) or base.")
     eval_pairs: int = _f(64, "Held-out pairs scored after training (accuracy, margin); 0 = all.")
+
+
+@dataclass
+class RMConfig(RMTrainingConfig):
+    """The proxy reward model: the one PPO optimises."""
+
+    exploit: str = _f(
+        "none",
+        "A known flaw planted on purpose (the controlled reward-hacking experiment): none, or longer_wins "
+        "(every training pair is rewritten so the longer answer is chosen; ties dropped). Small scale only.",
+    )
+
+
+@dataclass
+class GoldRMConfig(RMTrainingConfig):
+    """The gold reward model: a second RM on preference pairs disjoint from the proxy's, never exploited.
+
+    It judges what PPO optimised without having been optimised against: the gate's reward_hacking
+    detector compares its scores with the proxy's across PPO checkpoints.
+    """
+
+    enabled: bool = _f(False, "Train the gold reward model (stage gold_rm) and score PPO samples with it.")
+    seed: Optional[int] = _f(None, "Seed of its init and data order; null = the spec's seed + 1.")
+    num_examples: int = _f(
+        0, "Training pairs, taken after the proxy RM's pairs in the seeded shuffle; 0 = data.preference.num_examples."
+    )
 
 
 @dataclass
@@ -171,6 +199,12 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = _f(
         1.0, "Subtracted from the score of responses that end without EOS; null = off."
     )
+    sample_every: int = _f(
+        0,
+        "Every N PPO updates (and before the first), sample the held-out prompts and append them to "
+        "ppo/samples.jsonl with proxy/gold reward and KL (the gate's reward_hacking input); 0 = off.",
+    )
+    sample_prompts: int = _f(16, "Held-out hh-rlhf prompts sampled at each of those checkpoints.")
 
 
 @dataclass
@@ -298,6 +332,12 @@ class ClusterConfig:
     nodes: int = _f(1, "Nodes per stage unless parallel.<stage>.nodes says otherwise.")
     gpus_per_node: int = _f(8, "GPUs per node (also --ntasks-per-node: one task per GPU).")
     gpu_memory_gb: float = _f(80.0, "Memory of one GPU in GB (1e9 bytes).")
+    runtime: str = _f(
+        "container",
+        "Where the stages' commands run: container (pyxis srun --container-image, as NeMo-Aligner's docs) or host "
+        "(the same commands on the nodes themselves, no --container-* flags; for clusters without pyxis and the "
+        "local test cluster; container_image and mounts must then be unset).",
+    )
     container_image: Optional[str] = _f(None, "NeMo container image for pyxis (--container-image).")
     mounts: list = _f([], "Container mounts, host:container (the run directory is always mounted at its own path).")
     time_limit: str = _f("04:00:00", "SLURM time limit per stage (HH:MM:SS or D-HH:MM:SS).")
@@ -309,6 +349,9 @@ class ClusterConfig:
         True, "model.optim.name distributed_fused_adam (optimizer states sharded over DP) instead of fused_adam."
     )
     nccl_algo: str = _f("Tree", "NCCL_ALGO for the PPO job (NeMo-Aligner: deterministic log-probs across passes).")
+    critic_startup_s: int = _f(
+        30, "Seconds the PPO job gives the critic server before starting the actor (upstream's launch script: 30)."
+    )
     data: AlignerDataConfig = _f(
         AlignerDataConfig, "Ready-made NeMo-Aligner data files (container paths); none = a data stage writes them."
     )
@@ -359,7 +402,8 @@ class PipelineSpec:
     model: ModelConfig = _f(ModelConfig, "Base model.")
     data: DataConfig = _f(DataConfig, "Data files.")
     sft: SFTConfig = _f(SFTConfig, "Supervised fine-tuning.")
-    rm: RMConfig = _f(RMConfig, "Reward model.")
+    rm: RMConfig = _f(RMConfig, "Reward model (the proxy PPO optimises).")
+    gold_rm: GoldRMConfig = _f(GoldRMConfig, "Gold reward model: a second RM on a disjoint split, judging PPO.")
     ppo: PPOConfig = _f(PPOConfig, "PPO.")
     eval: EvalConfig = _f(EvalConfig, "Evaluation stage.")
     gate: GateConfig = _f(GateConfig, "Evaluation gate (`nemo-rlhf eval`): thresholds of every detector.")

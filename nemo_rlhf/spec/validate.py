@@ -20,9 +20,12 @@ CHOICES = {
     "data.sft.format": ("gsm8k",),
     "data.preference.format": ("hh_rlhf",),
     "rm.init_from": ("sft", "base"),
+    "rm.exploit": ("none", "longer_wins"),
+    "gold_rm.init_from": ("sft", "base"),
     "ppo.kl_estimator": ("k1", "k3"),
     "cluster.precision": ("bf16", "16", "32"),
     "cluster.nccl_algo": ("Tree", "Ring", "CollnetDirect", "CollnetChain", "NVLS", "NVLSTree"),
+    "cluster.runtime": ("container", "host"),
 }
 PARALLEL_STAGES = ("sft", "rm", "ppo", "critic")
 # Choices that may also be null.
@@ -31,7 +34,7 @@ OPTIONAL_CHOICES = {
     **{f"parallel.{s}.activations_checkpoint": ("selective", "full") for s in PARALLEL_STAGES},
 }
 TIME_RE = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
-# Large scale: every one of these must be set (the cluster runs nothing without them).
+# Large scale in the container runtime: every one of these must be set (the cluster runs nothing without them).
 LARGE_REQUIRED = [
     "cluster.container_image",
 ]
@@ -49,6 +52,12 @@ POSITIVE_INTS = [
     "rm.grad_accum",
     "rm.max_length",
     "rm.logging_steps",
+    "gold_rm.max_steps",
+    "gold_rm.micro_batch_size",
+    "gold_rm.grad_accum",
+    "gold_rm.max_length",
+    "gold_rm.logging_steps",
+    "ppo.sample_prompts",
     "ppo.total_episodes",
     "ppo.rollout_batch_size",
     "ppo.num_mini_batches",
@@ -79,6 +88,7 @@ OPTIONAL_POSITIVE = [
     "parallel.ppo.forward_micro_batch_size",
 ]
 NON_NEGATIVE = [
+    "cluster.critic_startup_s",
     "data.sft.num_examples",
     "data.preference.num_examples",
     "data.prompts.hh_rlhf",
@@ -87,6 +97,11 @@ NON_NEGATIVE = [
     "data.eval.hh_num",
     "eval.num_samples",
     "rm.eval_pairs",
+    "gold_rm.eval_pairs",
+    "gold_rm.num_examples",
+    "gold_rm.warmup_ratio",
+    "gold_rm.weight_decay",
+    "ppo.sample_every",
     "sft.warmup_ratio",
     "rm.warmup_ratio",
     "sft.weight_decay",
@@ -97,13 +112,14 @@ NON_NEGATIVE = [
 POSITIVE_FLOATS = [
     "sft.lr",
     "rm.lr",
+    "gold_rm.lr",
     "ppo.lr",
     "ppo.temperature",
     "ppo.clip_ratio",
     "ppo.value_clip",
     "model.random.init_std",
 ]
-UNIT_INTERVAL = ["ppo.gamma", "ppo.gae_lambda", "sft.warmup_ratio", "rm.warmup_ratio"]
+UNIT_INTERVAL = ["ppo.gamma", "ppo.gae_lambda", "sft.warmup_ratio", "rm.warmup_ratio", "gold_rm.warmup_ratio"]
 
 
 def get(spec: PipelineSpec, key: str):
@@ -131,13 +147,14 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
     problems += [f"{k}: must be within [0, 1], got {get(spec, k)}" for k in UNIT_INTERVAL if not 0 <= get(spec, k) <= 1]
     problems += [
         f"{k}: must be < 1 (a share of the steps), got {get(spec, k)}"
-        for k in ("sft.warmup_ratio", "rm.warmup_ratio")
+        for k in ("sft.warmup_ratio", "rm.warmup_ratio", "gold_rm.warmup_ratio")
         if get(spec, k) >= 1
     ]
     problems += _model_problems(spec)
     problems += _batch_problems(spec)
     problems += _cluster_problems(spec)
     problems += _gate_problems(spec)
+    problems += _reward_hacking_problems(spec)
     if spec.scale == "small":  # large scale: data and checkpoints are paths on the cluster, not here
         problems += _file_problems(spec)
     return problems
@@ -157,8 +174,17 @@ def _cluster_problems(spec: PipelineSpec) -> list[str]:
             problems.append(f"cluster.mounts[{i}]: {mount!r} is not host:container")
     if not 1024 <= spec.parallel.critic.port <= 65535:
         problems.append(f"parallel.critic.port: {spec.parallel.critic.port} is not a port in 1024..65535")
+    if spec.scale == "large" and c.runtime == "container":
+        problems += [f"{k}: required when scale is large (runtime: container)" for k in LARGE_REQUIRED
+                     if not get(spec, k)]
+    if c.runtime == "host":  # nothing would use them: a silently ignored key is a bug (NeMo-Aligner #173)
+        if c.container_image:
+            problems.append(f"cluster.container_image: {c.container_image!r} is set but cluster.runtime is host "
+                            "(no container); set it to null, or cluster.runtime=container")
+        if c.mounts:
+            problems.append("cluster.mounts: container mounts are set but cluster.runtime is host (no container); "
+                            "set them to [], or cluster.runtime=container")
     if spec.scale == "large":
-        problems += [f"{k}: required when scale is large" for k in LARGE_REQUIRED if not get(spec, k)]
         missing = [k for k in ALIGNER_DATA if not get(spec, k)]
         if 0 < len(missing) < len(ALIGNER_DATA):
             problems.append(f"cluster.data: give all six NeMo-Aligner files or none (then a data stage writes "
@@ -211,6 +237,23 @@ def _batch_problems(spec: PipelineSpec) -> list[str]:
         ):
             if length > limit:
                 problems.append(f"{key}: {length} exceeds model.random.max_position_embeddings {limit}")
+    return problems
+
+
+def _reward_hacking_problems(spec: PipelineSpec) -> list[str]:
+    """The planted RM exploit, the gold RM and PPO sampling exist only in the small-scale pipeline."""
+    if spec.scale != "large":
+        return []
+    problems = []
+    if spec.rm.exploit != "none":
+        problems.append(f"rm.exploit: {spec.rm.exploit!r} is a small-scale experiment; the cluster's RM trains on "
+                        "the NeMo-Aligner comparison files as they are (set rm.exploit=none)")
+    if spec.gold_rm.enabled:
+        problems.append("gold_rm.enabled: the gold RM is trained by the small-scale pipeline only (set "
+                        "gold_rm.enabled=false and pass a gold RM to `nemo-rlhf eval --gold-rm`)")
+    if spec.ppo.sample_every:
+        problems.append("ppo.sample_every: PPO checkpoint samples are written by the small-scale pipeline only "
+                        "(set ppo.sample_every=0)")
     return problems
 
 

@@ -13,15 +13,24 @@ from transformers import AutoTokenizer, TrainerCallback
 from nemo_rlhf.errors import LintError, UserError
 from nemo_rlhf.models.materialize import make_portable
 from nemo_rlhf.plotting import plot_curves
-from nemo_rlhf.spec.hyperparams import trl_kwargs
+from nemo_rlhf.spec.hyperparams import TABLE, trl_kwargs
 
 TRAIN_LOG = "train_log.jsonl"
 
 
-def trainer_args(ctx, stage: str) -> dict:
-    """TRL config kwargs for `stage`: the canonical hyperparameters plus run plumbing."""
+def trainer_args(ctx, stage: str, section=None) -> dict:
+    """TRL config kwargs for `stage`: the canonical hyperparameters plus run plumbing.
+
+    Args:
+        stage: the row set of the hyperparameter table (sft, rm, ppo).
+        section: read the values from this spec section instead of `spec.<stage>` (the gold RM
+            trains with the rm rows from `spec.gold_rm`).
+    """
     spec = ctx.spec
-    kwargs = trl_kwargs(spec, stage)
+    if section is None:
+        kwargs = trl_kwargs(spec, stage)
+    else:
+        kwargs = {m.trl: getattr(section, m.canonical) for m in TABLE if m.stage == stage}
     kwargs.update(
         output_dir=str(ctx.out / "trainer"),
         report_to="none",
