@@ -60,7 +60,6 @@ SCRIPTS = {  # NeMo-Aligner entry points, relative to cluster.aligner_repo
 # Run a NeMo-Aligner script as its docs do: from the repo, on PYTHONPATH, full Hydra errors. The
 # repo and the command come in as arguments ($1, then "$@"), never pasted into this string.
 ALIGNER_LAUNCH = 'cd "$1" && export PYTHONPATH="$1${PYTHONPATH:+:$PYTHONPATH}" HYDRA_FULL_ERROR=1 && shift && exec "$@"'
-CRITIC_STARTUP_S = 30
 MODEL_DIR = "model"  # an exported HF checkpoint: <run>/export/<stage>/model (as the small-scale stages write)
 
 
@@ -267,8 +266,7 @@ def render_pipeline(spec: PipelineSpec, out_dir: Path) -> list[RenderedStage]:
     (out_dir / "spec.yaml").write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
     _write_configs(spec, report.layouts, dims, paths)
     env = _environment()
-    mounts = ",".join([*map(str, spec.cluster.mounts), f"{out_dir}:{out_dir}"])
-    common = {"name": spec.name, "image": spec.cluster.container_image, "mounts": mounts}
+    common = {"name": spec.name, "container": container_flags(spec, out_dir), "runtime": spec.cluster.runtime}
     rendered = []
     files = data_files(spec, paths)
     for stage, after in stage_order(spec):
@@ -278,7 +276,8 @@ def render_pipeline(spec: PipelineSpec, out_dir: Path) -> list[RenderedStage]:
             text = env.get_template("ppo.sbatch.j2").render(
                 **common, critic_job=_job(spec, "ppo", report.layouts["critic"], paths, "-critic"),
                 actor_job=_job(spec, "ppo", report.layouts["ppo"], paths, "-actor"),
-                port=spec.parallel.critic.port, nccl_algo=spec.cluster.nccl_algo, critic_startup_s=CRITIC_STARTUP_S,
+                port=spec.parallel.critic.port, nccl_algo=spec.cluster.nccl_algo,
+                critic_startup_s=spec.cluster.critic_startup_s,
                 mkdirs=[str(paths.logs), str(paths.results("ppo_critic")), str(paths.results("ppo_actor"))],
                 critic=_step("critic", _aligner_argv(spec, "ppo_critic", paths), paths, "ppo-critic"),
                 actor=_step("actor", _aligner_argv(spec, "ppo_actor", paths), paths, "ppo-actor"),
@@ -299,6 +298,19 @@ def render_pipeline(spec: PipelineSpec, out_dir: Path) -> list[RenderedStage]:
         script.write_text(text, encoding="utf-8")
         rendered.append(RenderedStage(name=stage, script=script, after=after))
     return rendered
+
+
+def container_flags(spec: PipelineSpec, out_dir: Path) -> list[str]:
+    """The pyxis flags of every srun (each one shell word, quoted by the templates); none in host mode.
+
+    `cluster.runtime: host` runs the same commands on the nodes themselves: for clusters without
+    pyxis, and for the local test cluster (slurm/local/), where stand-in programs replace NeMo-Aligner.
+    """
+    if spec.cluster.runtime == "host":
+        return []
+    mounts = ",".join([*map(str, spec.cluster.mounts), f"{out_dir}:{out_dir}"])
+    return ["--no-container-mount-home", f"--container-image={spec.cluster.container_image}",
+            f"--container-mounts={mounts}"]
 
 
 def _record_step(spec: PipelineSpec, stage: str, paths: RunPaths, files: dict[str, str],
