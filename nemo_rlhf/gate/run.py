@@ -176,18 +176,34 @@ def score_missing(sets: list[ResponseSet], field: str, judge) -> int:
     return len(todo)
 
 
-def write_report(result: GateResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: ResponseSet | None = None,
+                 source: dict | None = None) -> tuple[Path, Path]:
     """findings.json (the verdict, every finding) and badcases.jsonl (worst cases per check,
-    each with an empty `verdict` for a reviewer), each written to a temp file and renamed."""
+    each with an empty `verdict` for a reviewer), each written to a temp file and renamed.
+
+    Args:
+        result: the gate's verdict.
+        out_dir: the report folder.
+        baseline: when given, a case without `baseline_response` gets the baseline's response
+            to the same prompt (a reviewer compares them; `data add-badcases` pairs them).
+        source: where the judged responses came from (run dir, responses files, checkpoints);
+            every case carries it, with this report's folder, so reviewed cases trace back.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     findings_path, cases_path = out / "findings.json", out / "badcases.jsonl"
     _write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
-    cases = [
-        {"detector": f.detector, "check": f.check, "severity": f.severity, **case, "verdict": ""}
-        for f in result.findings
-        for case in f.to_json(with_cases=True)["details"].get("cases", [])
-    ]
+    answers = {}
+    for row in (baseline.rows if baseline is not None else []):
+        answers.setdefault(row.prompt, row.response)
+    origin = {**(source or {}), "report": str(out.resolve()), "findings": str(findings_path.resolve())}
+    cases = []
+    for f in result.findings:
+        for case in f.to_json(with_cases=True)["details"].get("cases", []):
+            if "baseline_response" not in case and case.get("prompt") in answers:
+                case["baseline_response"] = answers[case["prompt"]]
+            cases.append({"detector": f.detector, "check": f.check, "severity": f.severity, **case,
+                          "source": origin, "verdict": ""})
     write_jsonl_atomic(cases_path, cases)
     return findings_path, cases_path
 
