@@ -44,7 +44,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _load_weights(model, weights_dir: str) -> None:
+def load_weights(model, weights_dir: str) -> None:
     """megatron-core's own distributed load, then a strict module load (as NeMo does)."""
     from megatron.core import dist_checkpointing
 
@@ -105,18 +105,26 @@ def _reward_step(positions, mask, lengths):
     """
 
     def step(data_iterator, module):
-        last_stage = module.post_process
-        module.post_process = False
-        try:
-            hidden = module(next(data_iterator), positions, mask)  # [S, B, H]
-        finally:
-            module.post_process = last_stage
-        if not last_stage:
-            return hidden, _keep  # sent on to the next stage
-        per_position, _ = module.rm_head(hidden)  # [S, B, A]; bias added inside (skip_bias_add=False)
-        return per_position[lengths - 1, torch.arange(hidden.shape[1])], _keep
+        return reward_outputs(module, next(data_iterator), positions, mask, lengths), _keep
 
     return step
+
+
+def reward_outputs(module, tokens, positions, mask, lengths):
+    """NeMo-Aligner's reward forward of one stage: rewards [B, A] at lengths-1 on the last stage, else hidden states.
+
+    Shared with the parity workers (nemo_rlhf.parity.megatron_train_worker), which train through it.
+    """
+    last_stage = module.post_process
+    module.post_process = False
+    try:
+        hidden = module(tokens, positions, mask)  # [S, B, H]
+    finally:
+        module.post_process = last_stage
+    if not last_stage:
+        return hidden  # sent on to the next stage
+    per_position, _ = module.rm_head(hidden)  # [S, B, A]; bias added inside (skip_bias_add=False)
+    return per_position[lengths - 1, torch.arange(hidden.shape[1])]
 
 
 def _forward(model, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_gpt_model(cfg, args.vocab, args.tp, args.pp)
     if args.reward and parallel_state.is_pipeline_last_stage():
         attach_reward_head(model, cfg)
-    _load_weights(model, args.weights)
+    load_weights(model, args.weights)
     if args.dump_dir:
         _dump_local(model, args.dump_dir)
     inputs = load_file(args.tokens)

@@ -1,0 +1,235 @@
+"""One rank of the loss and curve parity checks: megatron-core computes (and trains on) the losses NeMo trains on.
+
+Launched by `launch_workers` as `torchrun --standalone --nproc-per-node TP -m
+nemo_rlhf.parity.megatron_train_worker ...` (gloo, CPU). The model and its weights come the
+way the conversion certificate gets them (`verify.megatron_cpu.build_gpt_model`,
+`verify.megatron_worker.load_weights`: megatron-core's GPTModel, its `dist_checkpointing.load`),
+so a .nemo written by `nemo-rlhf convert hf-to-nemo` is read exactly as NeMo reads it.
+
+Steps run through megatron's own pipeline schedule (`get_forward_backward_func`) with the loss
+NeMo computes:
+
+* SFT (`--stage sft`): GPTModel gets `labels` and returns megatron's vocab-parallel token
+  cross-entropy [B, S] (no full-vocabulary gather: what NeMo trains on); the micro-batch loss
+  is NeMo's `loss_func`, sum(ce * loss_mask) / sum(loss_mask). NeMo shifts in the dataset:
+  tokens = ids[:-1], labels = ids[1:], loss_mask = mask[1:].
+* RM (`--stage rm`): chosen and rejected stacked on the batch axis (as NeMo-Aligner's
+  reward model does), rewards read at lengths-1 (`verify.megatron_worker.reward_outputs`),
+  loss -log sigmoid(r_chosen - r_rejected), mean over the micro-batch's pairs.
+
+The schedule divides each micro-batch loss by the number of micro-batches, so a step's
+gradient is that of the mean of the micro-batch means: NeMo's reduction.
+
+`--mode loss` runs one batch forward only and writes the per-token CE (SFT: from megatron's
+vocab-parallel CE and from the full-vocabulary logits) or the rewards (RM). `--mode train` runs
+`--steps` optimizer steps with megatron's DistributedDataParallel and `get_megatron_optimizer`
+(torch AdamW on CPU, clip_grad=0, no loss scaling) under an `OptimizerParamScheduler` with a
+constant learning rate (it applies NeMo's weight-decay rule: none on biases and 1-D weights),
+and writes each step's loss as NeMo logs it (the mean of the micro-batch losses) and, for the
+RM, each step's rewards.
+
+Inputs (`--inputs`, safetensors): per micro-batch `mb{i}.tokens` [b, s] and `mb{i}.labels` /
+`mb{i}.loss_mask` (SFT) or `mb{i}.lengths` (RM, chosen lengths then rejected lengths), for
+i in 0 .. steps * micro_batches - 1, in training order. The first TP rank writes `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import yaml
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="model_config.yaml")
+    parser.add_argument("--weights", required=True, help="model_weights/ directory (torch_dist)")
+    parser.add_argument("--inputs", required=True, help="safetensors with the micro-batches (see the module doc)")
+    parser.add_argument("--out", required=True, help="safetensors to write the results to")
+    parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--vocab", type=int, required=True, help="padded vocabulary size of the model")
+    parser.add_argument("--stage", choices=("sft", "rm"), required=True)
+    parser.add_argument("--mode", choices=("loss", "train"), required=True)
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps (train)")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--adam-beta1", type=float, default=0.9)
+    parser.add_argument("--adam-beta2", type=float, default=0.999)
+    parser.add_argument("--adam-eps", type=float, default=1e-8)
+    return parser.parse_args(argv)
+
+
+def _causal(seq: int, batch: int):
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
+    return positions, mask
+
+
+def _sft_step(data_iterator, module):
+    """NeMo's SFT micro-batch: megatron's vocab-parallel token CE, then the masked token mean."""
+    batch = next(data_iterator)
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
+    positions, mask = _causal(*tokens.shape[::-1])
+    per_token = module(tokens, positions, mask, labels=labels)  # [b, s]
+
+    def loss_func(output):
+        loss = (output.float() * loss_mask).sum() / loss_mask.sum()
+        return loss, {"loss": loss.detach().clone(), "token_ce": output.detach().clone()}
+
+    return per_token, loss_func
+
+
+def _rm_step(data_iterator, module):
+    """NeMo-Aligner's RM micro-batch: rewards at lengths-1, Bradley-Terry loss averaged over the pairs."""
+    from nemo_rlhf.parity.loss_megatron import bradley_terry
+    from nemo_rlhf.verify.megatron_worker import reward_outputs
+
+    batch = next(data_iterator)
+    tokens, lengths = batch["tokens"], batch["lengths"]
+    positions, mask = _causal(*tokens.shape[::-1])
+    rewards = reward_outputs(module, tokens, positions, mask, lengths)  # [2b, 1]
+
+    def loss_func(output):
+        chosen, rejected = output.float().flatten().chunk(2)
+        loss = bradley_terry(chosen, rejected)["loss"]
+        return loss, {"loss": loss.detach().clone(), "rewards": output.detach().float().flatten().clone()}
+
+    return rewards, loss_func
+
+
+def _micro_batches(inputs: dict, stage: str, count: int) -> list[dict]:
+    keys = ("tokens", "labels", "loss_mask") if stage == "sft" else ("tokens", "lengths")
+    return [{k: inputs[f"mb{i}.{k}"] for k in keys} for i in range(count)]
+
+
+def _run_schedule(model, micro_batches: list[dict], stage: str, forward_only: bool) -> list[dict]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens = micro_batches[0]["tokens"]
+    return get_forward_backward_func()(
+        forward_step_func=_sft_step if stage == "sft" else _rm_step, data_iterator=iter(micro_batches),
+        model=[model], num_microbatches=len(micro_batches), seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0], forward_only=forward_only)
+
+
+def _gathered_token_ce(model, micro_batch: dict) -> torch.Tensor:
+    """Token CE from the full-vocabulary logits megatron gathers (the HF side's computation)."""
+    tokens, labels = micro_batch["tokens"], micro_batch["labels"]
+    positions, mask = _causal(*tokens.shape[::-1])
+    with torch.no_grad():
+        logits = model(tokens, positions, mask, runtime_gather_output=True).float()  # [b, s, V]
+    return -logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _loss_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
+    micro_batches = _micro_batches(inputs, args.stage, args.micro_batches)
+    with torch.no_grad():
+        reduced = _run_schedule(model, micro_batches, args.stage, forward_only=True)
+    out = {"mb_loss": torch.stack([r["loss"] for r in reduced])}
+    for i, (r, mb) in enumerate(zip(reduced, micro_batches)):
+        if args.stage == "sft":
+            out[f"mb{i}.token_ce"] = r["token_ce"]
+            out[f"mb{i}.token_ce_gathered"] = _gathered_token_ce(model, mb)
+        else:
+            out[f"mb{i}.rewards"] = r["rewards"]
+    return out
+
+
+def _optimizer(model, args):
+    """megatron's optimizer (torch AdamW on CPU) and the scheduler that applies lr and NeMo's weight-decay rule."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.lr, weight_decay=args.weight_decay,
+                             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                             clip_grad=0.0, bf16=False, fp16=False, params_dtype=torch.float32,
+                             use_distributed_optimizer=False)
+    optimizer = get_megatron_optimizer(config, [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=args.lr, max_lr=args.lr, min_lr=args.lr, lr_warmup_steps=0,
+        lr_decay_steps=max(args.steps, 1), lr_decay_style="constant", start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=max(args.steps, 1), wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _train_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
+    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer, scheduler = _optimizer(ddp, args)
+    micro_batches = _micro_batches(inputs, args.stage, args.steps * args.micro_batches)
+    losses, rewards = [], []
+    for step in range(args.steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        chunk = micro_batches[step * args.micro_batches:(step + 1) * args.micro_batches]
+        reduced = _run_schedule(ddp, chunk, args.stage, forward_only=False)
+        update_ok, _, _ = optimizer.step()
+        if not update_ok:
+            raise RuntimeError(f"megatron's optimizer skipped step {step}")
+        scheduler.step(increment=1)
+        losses.append(torch.stack([r["loss"] for r in reduced]).mean())  # NeMo logs the mean over micro-batches
+        if args.stage == "rm":
+            rewards.append(torch.cat([r["rewards"] for r in reduced]))
+    out = {"step_loss": torch.stack(losses)}
+    if rewards:
+        out["step_rewards"] = torch.stack(rewards)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    from megatron.core import parallel_state
+    from safetensors.torch import load_file, save_file
+
+    from nemo_rlhf.verify.megatron_compat import megatron_version
+    from nemo_rlhf.verify.megatron_cpu import apply_cpu_shims, attach_reward_head, build_gpt_model
+    from nemo_rlhf.verify.megatron_worker import load_weights
+
+    apply_cpu_shims()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=1)
+    with open(args.config, encoding="utf-8") as f:
+        cfg = yaml.safe_load(f)
+    model = build_gpt_model(cfg, args.vocab, args.tp, 1)
+    if args.stage == "rm":
+        attach_reward_head(model, cfg)
+    load_weights(model, args.weights)
+    inputs = load_file(args.inputs)
+    if args.mode == "loss":
+        model.eval()
+        results = _loss_mode(model, args, inputs)
+    else:
+        model.train()
+        results = _train_mode(model, args, inputs)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:
+        save_file({k: v.float().contiguous() for k, v in results.items()}, args.out,
+                  metadata={"megatron_core": megatron_version()})
+    torch.distributed.barrier()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def _main_reporting_errors() -> int:
+    """Runs `main`; on failure leaves the reason in <out>.rank<N>.error for the parent (as the certificate's worker)."""
+    try:
+        return main()
+    except Exception as exc:
+        out = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--out"), None)
+        if out:
+            with open(f"{out}.rank{os.environ.get('RANK', '0')}.error", "w", encoding="utf-8") as f:
+                f.write(f"{type(exc).__name__}: {exc}"[:4000])
+        raise
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(_main_reporting_errors())
