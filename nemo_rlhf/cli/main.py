@@ -10,13 +10,13 @@ from nemo_rlhf.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_rlhf.cli import convert, data, lineage, models, preflight, run, slurm, spec, verify
+    from nemo_rlhf.cli import convert, data, lineage, models, parity, preflight, run, slurm, spec, verify
     from nemo_rlhf.cli import eval as eval_gate  # the gate verb (`run`'s eval stage is another thing)
 
     parser = argparse.ArgumentParser(prog="nemo-rlhf", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nemo-rlhf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, models, convert, verify, lineage, spec, slurm, preflight, eval_gate, data):
+    for module in (run, models, convert, verify, lineage, spec, slurm, preflight, eval_gate, data, parity):
         module.add_parser(sub)
     return parser
 

@@ -1,0 +1,89 @@
+"""`nemo-rlhf parity VERB`: prove that the small-scale TRL run and the large-scale NeMo run are one experiment.
+
+    nemo-rlhf parity config SPEC [key=value ...] [--configs DIR]
+    nemo-rlhf parity data   SPEC [key=value ...]
+    nemo-rlhf parity loss   SPEC --stage sft|rm|ppo [key=value ...]
+    nemo-rlhf parity model  SPEC --hf DIR --nemo PATH [--stage sft|rm|ppo]
+    nemo-rlhf parity curves SPEC --stage sft|rm [--steps N] [--shuffle]
+    nemo-rlhf parity curves --tensorboard DIR --trl-log train_log.jsonl
+
+Every verb takes --json (one JSON object: `passed`, per-check `value` and `tolerance`), --report DIR
+(markdown table + PNG + JSON) and --run-dir RUN (the result goes into RUN's lineage:
+RUN/parity/<name>.json and RUN/parity/manifest.json). Exit 0 when every check passes, 1 when one
+fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STAGES = ("sft", "rm", "ppo")
+
+
+def _common(p: argparse.ArgumentParser, spec: bool = True) -> None:
+    if spec:
+        p.add_argument("spec", nargs="?", type=Path, help="spec YAML")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.02")
+    p.add_argument("--json", action="store_true", help="print one JSON object: passed, checks (value, tolerance)")
+    p.add_argument("--report", type=Path, help="write <name>.md, <name>.png and <name>.json into this folder")
+    p.add_argument("--run-dir", type=Path, help="record the result in this run's lineage (RUN/parity/)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("parity", help="config, data, model, loss and curve parity between TRL and NeMo-Aligner",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="parity_command", required=True, metavar="VERB")
+    cfg = verbs.add_parser("config", help="the spec's hyperparameters as TRL args and NeMo-Aligner keys, and the "
+                                          "semantic differences (equivalent / configurable / incomparable)")
+    _common(cfg)
+    cfg.add_argument("--configs", type=Path, help="compare against rendered NeMo-Aligner configs in this folder "
+                                                   "(sft.yaml, rm.yaml, ppo_actor.yaml, ppo_critic.yaml) instead "
+                                                   "of rendering them from the spec")
+    cfg.set_defaults(func=run_config)
+
+
+def load(args):
+    """The spec of a parity verb (UserError, exit 2, when it is missing or invalid)."""
+    from nemo_rlhf.errors import UserError
+    from nemo_rlhf.spec.loader import load_spec
+
+    if args.run_dir is not None and not args.run_dir.is_dir():
+        raise UserError(f"{args.run_dir} is not a run directory", where="--run-dir",
+                        fix="pass the folder `nemo-rlhf run` or `nemo-rlhf slurm render` wrote")
+    if args.spec is None:
+        raise UserError("no spec given", fix="pass the spec YAML, e.g. recipes/tiny-cpu.yaml")
+    if "=" in str(args.spec) and not Path(args.spec).exists():
+        raise UserError(f"{args.spec} looks like an override, not a spec file", fix="put the spec YAML first")
+    return load_spec(args.spec, args.overrides)
+
+
+def emit(result, args) -> int:
+    """Print, report and record a ParityResult; the exit code."""
+    from nemo_rlhf.lineage.record import write_json_atomic
+    from nemo_rlhf.parity.report import format_text, record_in_run, write_report
+
+    log = sys.stderr if args.json else sys.stdout
+    if args.report:
+        written = write_report(result, args.report)
+        written.append(write_json_atomic(Path(args.report) / f"{result.name}.json", result.to_dict()))
+        print(f"report: {', '.join(str(p) for p in written)}", file=log)
+    if args.run_dir:
+        print(f"recorded in {record_in_run(result, args.run_dir)}", file=log)
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str))
+    else:
+        print(format_text(result))
+    return 0 if result.passed else 1
+
+
+def run_config(args) -> int:
+    from nemo_rlhf.errors import UserError
+    from nemo_rlhf.parity.config import config_parity
+
+    if args.configs is not None and not args.configs.is_dir():
+        raise UserError(f"{args.configs} is not a folder", where="--configs",
+                        fix="point at the configs/ folder `nemo-rlhf slurm render` wrote")
+    return emit(config_parity(load(args), args.configs, str(args.spec)), args)
