@@ -27,4 +27,19 @@ fi
 if [ ! -d "$venv/mcore-0.10.0/megatron/core" ]; then
   "$venv/bin/pip" install -q --no-deps -c "$repo/constraints.txt" --target "$venv/mcore-0.10.0" "megatron-core==0.10.0"
 fi
+# Test mode (NEMO_RLHF_TEST=1, which scripts/test.sh sets, or CI set): Debian's chromium, the
+# real browser tests/test_gate_report.py opens the gate's HTML report in (that test fails, never
+# skips, without it). Installed only as root with apt-get; anywhere else say what is missing.
+if [ "${NEMO_RLHF_TEST:-}" = 1 ] || [ -n "${CI:-}" ]; then
+  if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+      apt_install || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt_install; } \
+        || echo "warning: apt-get could not install chromium (the HTML report test needs it)" >&2
+    else
+      echo "warning: chromium is missing and this is not root with apt-get: install Debian's chromium" \
+           "(the HTML report test needs it)" >&2
+    fi
+  fi
+fi
 echo "nemo-rlhf installed in $venv"

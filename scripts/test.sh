@@ -5,7 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${NEMO_RLHF_VENV:-$repo/.venv}"
-bash "$repo/scripts/install.sh"
+NEMO_RLHF_TEST=1 bash "$repo/scripts/install.sh"  # test mode: also the browser the report test opens
 bash "$repo/slurm/local/start.sh" </dev/null \
     || echo "warning: the local SLURM cluster did not start (see above); the SLURM tests will fail" >&2
 cd "$repo"

@@ -26,20 +26,24 @@ def add_parser(sub) -> None:
     p.add_argument("--proxy-rm", help="HF reward-model dir scoring responses that lack proxy_reward")
     p.add_argument("--gold-rm", help="HF reward-model dir scoring responses that lack gold_reward")
     p.add_argument("--json", action="store_true", help="print one JSON object: passed, findings")
-    p.add_argument("--report", type=Path, help="write findings.json and badcases.jsonl to this directory")
+    p.add_argument("--report", type=Path,
+                   help="write findings.json, badcases.jsonl (worst cases, a `verdict` to fill in), report.html "
+                        "(one self-contained page: verdict, numbers, plots, samples) and manifest.json here")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args) -> int:
     from nemo_rlhf.gate.run import (
         battle_check,
+        input_files,
         load_inputs,
         load_reward_model,
         make_judge,
         resolve_config,
+        run_dir_sets,
         run_gate,
         score_missing,
-        write_report,
+        write_reports,
     )
 
     cfg, seed, source = None, None, "built-in defaults (see `nemo-rlhf spec explain gate`)"
@@ -65,8 +69,14 @@ def run_eval(args) -> int:
     judge = make_judge(cfg, models.get("gold_reward"))
     result = run_gate(candidate, baseline, cfg, extra=[battle_check(judge)])
     if args.report:
-        paths = write_report(result, args.report)
-        print(f"report: {paths[0]}, {paths[1]}", file=log)
+        origin = {"run_dir": args.run_dir, "spec": args.spec, "overrides": " ".join(args.overrides) or None,
+                  "candidate": candidate.name, "baseline": baseline.name,
+                  "proxy_rm": args.proxy_rm, "gold_rm": args.gold_rm}
+        paths = write_reports(result, args.report, candidate, baseline,
+                              input_files(args.candidate, args.baseline, args.run_dir), cfg,
+                              source={k: str(v) for k, v in origin.items() if v is not None},
+                              sets=run_dir_sets(args.run_dir, candidate, baseline))
+        print(f"report: {paths['html']} (bad cases to review: {paths['badcases']})", file=log)
     if args.json:
         print(result.dumps())
     else:

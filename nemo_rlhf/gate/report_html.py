@@ -3,8 +3,13 @@
 `write_html_report` renders `templates/report.html.j2` (jinja2 with autoescape on: responses
 are untrusted text and may hold markup or scripts) with the verdict, every finding (value vs
 threshold, severity), plots as base64 PNGs from matplotlib, and side-by-side samples of the
-baseline and the candidate on the same prompts. Nothing is fetched: no external URLs, no
-scripts, so the file can be mailed or attached to a ticket and still renders the same.
+baseline and the candidate on the same prompts. Nothing is fetched: no external URLs, so the
+file can be mailed or attached to a ticket and still renders the same. Its one script
+(`RENDER_CHECK_JS`) records, after load, how many plots the browser decoded
+(`<body data-plots-decoded="k/n">`, each image's `data-natural-width`): the headless-browser
+test reads that, and a reviewer sees a warning banner if an image is broken. The page's
+Content-Security-Policy allows exactly that script by its sha256 and nothing else, so even
+markup that slipped past escaping could not run.
 
 Plots, each only when the data for it exists:
 - response-length histograms of every responses set (base/SFT/PPO, or baseline/candidate);
@@ -17,6 +22,7 @@ Plots, each only when the data for it exists:
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 import os
@@ -24,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import jinja2
+import markupsafe
 import matplotlib
 
 matplotlib.use("Agg")  # no display on clusters and CI
@@ -39,6 +46,25 @@ TEMPLATE = "report.html.j2"
 REPORT = "report.html"
 SAMPLES = 12  # side-by-side prompts shown
 SEVERITY_ORDER = {"fail": 0, "warn": 1, "info": 2}
+
+# Runs on load: marks each plot with its decoded width and the body with "decoded/total";
+# shows the (hidden) broken-plot banner when one did not decode.
+RENDER_CHECK_JS = """
+window.addEventListener("load", function () {
+  var imgs = document.querySelectorAll("img.plot"), ok = 0;
+  for (var i = 0; i < imgs.length; i++) {
+    imgs[i].setAttribute("data-natural-width", String(imgs[i].naturalWidth));
+    if (imgs[i].complete && imgs[i].naturalWidth > 0) { ok++; }
+  }
+  document.body.setAttribute("data-plots-decoded", ok + "/" + imgs.length);
+  if (ok < imgs.length) { document.getElementById("broken-plots").hidden = false; }
+});
+"""
+
+
+def script_hash(script: str = RENDER_CHECK_JS) -> str:
+    """The CSP source allowing exactly `script` inline: 'sha256-<base64 digest>'."""
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
 def _environment() -> jinja2.Environment:
@@ -75,6 +101,21 @@ def length_histogram(sets: dict[str, ResponseSet]) -> str | None:
     ax.set_title("response lengths")
     ax.legend(fontsize="small")
     return _png(fig)
+
+
+def length_table(sets: dict[str, ResponseSet]) -> list[dict]:
+    """The histogram's numbers per responses set: count, median/mean words, share not finished."""
+    table = []
+    for name, s in sets.items():
+        rows = s.final().rows
+        if not rows:
+            continue
+        words = [length(r) for r in rows]
+        known = [r.finished for r in rows if r.finished is not None]
+        table.append({"name": name, "n": len(rows), "median": _number(float(np.median(words))),
+                      "mean": _number(float(np.mean(words))),
+                      "unfinished": f"{known.count(False) / len(known):.1%}" if known else "n/a"})
+    return table
 
 
 def reward_vs_kl(result: GateResult) -> str | None:
@@ -193,9 +234,10 @@ def render_html(result: GateResult, candidate: ResponseSet, baseline: ResponseSe
                    "threshold": _number(f.threshold), "message": f.message} for f in findings],
         counts={s: sum(f.severity == s for f in result.findings) for s in SEVERITY_ORDER},
         candidate=candidate.name, baseline=baseline.name, n_candidate=len(candidate.final()), n_baseline=len(baseline),
-        plots=plots, samples=side_by_side(candidate, baseline), cases=(cases or [])[:50],
+        plots=plots, lengths=length_table(sets), samples=side_by_side(candidate, baseline), cases=(cases or [])[:50],
         source={k: str(v) for k, v in (source or {}).items() if v is not None},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        script=markupsafe.Markup(RENDER_CHECK_JS), script_hash=markupsafe.Markup(script_hash()),
     )
 
 

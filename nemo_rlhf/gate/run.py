@@ -26,7 +26,7 @@ from nemo_rlhf.gate.responses import ResponseSet, check_same_prompts, read_respo
 from nemo_rlhf.spec.schema import GateConfig
 
 # The small-scale eval stage's files: <run>/eval/responses/<checkpoint>.jsonl.
-EVAL_STAGE, CANDIDATE, BASELINE = "eval", "ppo", "sft"
+EVAL_STAGE, CANDIDATE, BASELINE, BASE = "eval", "ppo", "sft", "base"
 
 
 def _rows(s: ResponseSet) -> list[dict]:
@@ -133,13 +133,19 @@ def run_gate(candidate: ResponseSet, baseline: ResponseSet, cfg: GateConfig | No
     return GateResult(findings)
 
 
-def load_inputs(candidate: str | None, baseline: str | None, run_dir: str | None) -> tuple[ResponseSet, ResponseSet]:
-    """The two responses sets: the files given, or those of the eval stage in `run_dir` (ppo vs sft)."""
+def input_files(candidate: str | None, baseline: str | None, run_dir: str | None) -> dict[str, Path]:
+    """The two responses files by set name: the files given ({candidate, baseline}), or the eval
+    stage's in `run_dir` ({ppo, sft}), candidate first.
+
+    Raises:
+        UserError: only one of candidate/baseline, neither files nor run_dir, or a run_dir
+            whose eval stage has not written its responses.
+    """
     if candidate or baseline:
         if not (candidate and baseline):
             raise UserError("--candidate and --baseline go together",
                             fix="pass both files: --candidate ppo.jsonl --baseline sft.jsonl")
-        return read_responses(candidate, "candidate"), read_responses(baseline, "baseline")
+        return {"candidate": Path(candidate), "baseline": Path(baseline)}
     if not run_dir:
         raise UserError("nothing to judge", fix="pass --candidate FILE --baseline FILE, or a SPEC with --run-dir DIR")
     folder = Path(run_dir) / EVAL_STAGE / "responses"
@@ -148,7 +154,23 @@ def load_inputs(candidate: str | None, baseline: str | None, run_dir: str | None
     if missing:
         raise UserError(f"the eval stage's responses are missing: {', '.join(missing)}",
                         fix=f"run the pipeline through eval first: nemo-rlhf run SPEC --out {run_dir}")
-    return read_responses(files[CANDIDATE], CANDIDATE), read_responses(files[BASELINE], BASELINE)
+    return files
+
+
+def load_inputs(candidate: str | None, baseline: str | None, run_dir: str | None) -> tuple[ResponseSet, ResponseSet]:
+    """The two responses sets: the files given, or those of the eval stage in `run_dir` (ppo vs sft)."""
+    (cand_name, cand_path), (base_name, base_path) = input_files(candidate, baseline, run_dir).items()
+    return read_responses(cand_path, cand_name), read_responses(base_path, base_name)
+
+
+def run_dir_sets(run_dir: str | None, candidate: ResponseSet, baseline: ResponseSet) -> dict[str, ResponseSet]:
+    """Every checkpoint's responses for the report's length histogram: base (when the eval stage
+    wrote it), baseline, candidate."""
+    sets = {}
+    base = Path(run_dir) / EVAL_STAGE / "responses" / f"{BASE}.jsonl" if run_dir else None
+    if base is not None and base.is_file():
+        sets[BASE] = read_responses(base, BASE)
+    return {**sets, baseline.name: baseline, candidate.name: candidate}
 
 
 def load_reward_model(model_dir: str, batch_size: int = 8):
@@ -176,10 +198,37 @@ def score_missing(sets: list[ResponseSet], field: str, judge) -> int:
     return len(todo)
 
 
+# A bad case's fields in the order a reviewer reads them; the case's own extras (scores,
+# `where` = file:line of the response) follow, then `source`, then the reviewer's fields.
+CASE_HEAD = ("id", "detector", "check", "severity", "why", "prompt", "response", "baseline_response")
+REVIEW_FIELDS = {"verdict": "", "corrected": ""}  # filled in by the reviewer (nemo_rlhf.gate.badcases)
+
+
+def bad_cases(result: GateResult, baseline: ResponseSet | None = None, source: dict | None = None) -> list[dict]:
+    """The worst cases of every finding as review records (see `write_report`).
+
+    Each has a unique `id` (check#n), the finding's detector/check/severity, `why`, the
+    prompt, the candidate's `response`, the baseline's answer to the same prompt (null when
+    there is none), the source and empty `verdict`/`corrected` for the reviewer.
+    """
+    answers = {}
+    for row in (baseline.rows if baseline is not None else []):
+        answers.setdefault(row.prompt, row.response)
+    cases = []
+    for f in result.findings:
+        for n, case in enumerate(f.to_json(with_cases=True)["details"].get("cases", []), start=1):
+            head = {"id": f"{f.check}#{n}", "detector": f.detector, "check": f.check, "severity": f.severity,
+                    "why": case.get("why", f.message), "prompt": case.get("prompt"), "response": case.get("response"),
+                    "baseline_response": case.get("baseline_response", answers.get(case.get("prompt")))}
+            rest = {k: v for k, v in case.items() if k not in head and k not in REVIEW_FIELDS}
+            cases.append({**head, **rest, "source": source or {}, **REVIEW_FIELDS})
+    return cases
+
+
 def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: ResponseSet | None = None,
                  source: dict | None = None) -> tuple[Path, Path]:
-    """findings.json (the verdict, every finding) and badcases.jsonl (worst cases per check,
-    each with an empty `verdict` for a reviewer), each written to a temp file and renamed.
+    """findings.json (the verdict, every finding) and badcases.jsonl (`bad_cases`: worst cases
+    per check, each with an empty `verdict` for a reviewer), each written to a temp file and renamed.
 
     Args:
         result: the gate's verdict.
@@ -193,19 +242,38 @@ def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: Respo
     out.mkdir(parents=True, exist_ok=True)
     findings_path, cases_path = out / "findings.json", out / "badcases.jsonl"
     _write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
-    answers = {}
-    for row in (baseline.rows if baseline is not None else []):
-        answers.setdefault(row.prompt, row.response)
     origin = {**(source or {}), "report": str(out.resolve()), "findings": str(findings_path.resolve())}
-    cases = []
-    for f in result.findings:
-        for case in f.to_json(with_cases=True)["details"].get("cases", []):
-            if "baseline_response" not in case and case.get("prompt") in answers:
-                case["baseline_response"] = answers[case["prompt"]]
-            cases.append({"detector": f.detector, "check": f.check, "severity": f.severity, **case,
-                          "source": origin, "verdict": ""})
-    write_jsonl_atomic(cases_path, cases)
+    write_jsonl_atomic(cases_path, bad_cases(result, baseline, origin))
     return findings_path, cases_path
+
+
+def write_reports(result: GateResult, out_dir: str | os.PathLike, candidate: ResponseSet, baseline: ResponseSet,
+                  files: dict[str, Path], config: GateConfig, source: dict | None = None,
+                  sets: dict[str, ResponseSet] | None = None) -> dict[str, Path]:
+    """Everything `nemo-rlhf eval --report DIR` writes: findings.json, badcases.jsonl,
+    report.html (`report_html`) and, last, manifest.json (stage `gate`: the judged files'
+    hashes, the stages that produced them as parents; `badcases.record_gate_report`).
+
+    The old manifest goes first, so a report interrupted half-way never looks finished.
+    """
+    from nemo_rlhf.gate.badcases import record_gate_report
+    from nemo_rlhf.gate.report_html import write_html_report
+    from nemo_rlhf.lineage.manifest import MANIFEST, now_iso
+
+    started, out = now_iso(), Path(out_dir)
+    (out / MANIFEST).unlink(missing_ok=True)
+    source = {**(source or {}), **{f"{name}_file": str(Path(p).resolve()) for name, p in files.items()}}
+    findings, cases = write_report(result, out, baseline, source)
+    rows = [json.loads(line) for line in cases.read_text(encoding="utf-8").splitlines() if line.strip()]
+    html = write_html_report(out, result, candidate, baseline, sets=sets, cases=rows, source=source)
+    manifest = record_gate_report(out, files, {}, _config_dict(config),
+                                  {"passed": result.passed, "failed_detectors": result.failed_detectors,
+                                   "bad_cases": len(rows)}, started_at=started)
+    return {"findings": findings, "badcases": cases, "html": html, "manifest": manifest}
+
+
+def _config_dict(cfg: GateConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -213,6 +281,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for reviewers to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
