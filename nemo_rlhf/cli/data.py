@@ -5,7 +5,12 @@
 writes the NeMo-Aligner jsonl files of a large-scale run (SFT, RM comparisons, PPO prompts;
 train and validation) from the rows the small-scale run trains on, checked token for token
 against the TRL formatting, with a manifest of their hashes (nemo_rlhf.data.aligner_format).
-Further verbs register themselves in `add_parser` beside it.
+
+    nemo-rlhf data add-badcases REVIEWED.jsonl --out DIR [--kind sft|preference|both]
+
+turns a gate report's reviewed badcases.jsonl into SFT examples (chat_jsonl) and preference
+pairs (hh_rlhf) for the next round, with a manifest tracing them back to the gate report
+and the run it judged (nemo_rlhf.gate.badcases).
 """
 
 from __future__ import annotations
@@ -23,6 +28,38 @@ def add_parser(sub) -> None:
     prep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.sft.num_examples=0")
     prep.add_argument("--out", required=True, type=Path, help="folder for the jsonl files and manifest.json")
     prep.set_defaults(func=prepare_aligner_cmd)
+    _add_badcases_parser(verbs)
+
+
+def _add_badcases_parser(verbs) -> None:
+    from nemo_rlhf.gate.badcases import KINDS, VERDICTS
+
+    vocabulary = "; ".join(f"{v}: {meaning}" for v, meaning in VERDICTS.items() if v)
+    bad = verbs.add_parser(
+        "add-badcases", help="turn reviewed gate bad cases into SFT / preference data for the next round",
+        description="Read a gate report's badcases.jsonl after review and write sft.jsonl (chat_jsonl: "
+                    "{messages}), preference.jsonl (hh_rlhf: {chosen, rejected}) and manifest.json into --out. "
+                    f"Verdicts: {vocabulary}; empty = not reviewed.")
+    bad.add_argument("reviewed", type=Path, help="the reviewed badcases.jsonl (verdict filled in)")
+    bad.add_argument("--out", required=True, type=Path, help="folder for the data files and manifest.json")
+    bad.add_argument("--kind", choices=KINDS, default="both", help="which data to write (default both)")
+    bad.set_defaults(func=add_badcases_cmd)
+
+
+def add_badcases_cmd(args) -> int:
+    from nemo_rlhf.gate.badcases import add_badcases
+
+    manifest = add_badcases(args.reviewed, args.out, args.kind)
+    m = manifest["metrics"]
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(m["skipped"].items())) or "none"
+    print(f"{m['lines']} reviewed lines: {m['used']} used, skipped: {skipped}")
+    for name, entry in manifest["outputs"].items():
+        print(f"{args.out / name}: {entry['examples']} examples, sha256 {entry['sha256'][:12]}")
+    parents = ", ".join(manifest["inputs"]["parents"]) or "none (the gate report has no manifest.json)"
+    print(f"lineage: {args.out / 'manifest.json'} <- gate report {parents} (nemo-rlhf lineage show {args.out})")
+    if "preference.jsonl" in manifest["outputs"]:
+        print(f"train a reward model on the pairs: data.preference.path={(args.out / 'preference.jsonl').resolve()}")
+    return 0
 
 
 def prepare_aligner_cmd(args) -> int:

@@ -6,13 +6,22 @@ data -> model -> evaluation -> failure cases -> data:
    each with `source`: the run dir, responses files or checkpoints it judged, and this report)
    and DIR/manifest.json (`record_gate_report`: stage `gate`, the responses files' hashes,
    the stage that produced them as its parent).
-2. A reviewer fills in `verdict` on each line: `bad` (the candidate's response is bad) or
-   `ok`; optionally `corrected` (a good response to the prompt). Empty = not reviewed.
-3. `nemo-rlhf data add-badcases REVIEWED.jsonl --out OUT` (`add_badcases`) turns them into
-   - SFT examples (`chat_jsonl`, see nemo_rlhf.data.chat_sft): prompt -> `corrected`;
-   - preference pairs (`hh_rlhf` transcripts, read by nemo_rlhf.data.hh_rlhf):
-     chosen = `corrected`, else the baseline's response; rejected = the candidate's;
-   and OUT/manifest.json (stage `badcase_data`) names the reviewed file's hash, the gate's
+2. A reviewer fills in `verdict` on each line (`VERDICTS`, case-insensitive) and, where
+   needed, `corrected` (a good response to the prompt, written by the reviewer):
+   - `bad`: the candidate's response is bad. With `corrected`, it becomes training data;
+     without, it is recorded as reviewed but makes nothing (there is no good answer to learn).
+   - `prefer_baseline`: the baseline's response (`baseline_response`, in the file) is the good
+     answer; `corrected`, when given, replaces it.
+   - `ok`: the detector fired but the response is fine (a false alarm); no data.
+   - `skip` or empty: not reviewed; no data.
+3. `nemo-rlhf data add-badcases REVIEWED.jsonl --out OUT [--kind sft|preference|both]`
+   (`add_badcases`) turns every `bad`/`prefer_baseline` case that has a good answer into
+   - an SFT example (`chat_jsonl`, see nemo_rlhf.data.chat_sft): prompt -> the good answer;
+   - a preference pair (`hh_rlhf` transcripts, read by nemo_rlhf.data.hh_rlhf, i.e.
+     `data.preference.path` of a spec): chosen = the good answer, rejected = the candidate's;
+   each row keeps `badcase` (case id, detector, check, why, source, the reviewed file:line).
+   The same (prompt, response, answer) reviewed under several checks is used once.
+   OUT/manifest.json (stage `badcase_data`) names the reviewed file's hash, the gate's
    findings.json and the gate report as its parent, so `nemo-rlhf lineage show OUT` walks
    back through the evaluation to the checkpoints and data that produced the failures.
 """
@@ -39,7 +48,15 @@ from nemo_rlhf.lineage.stage_dir import new_temp_stage_dir, promote
 
 GATE_STAGE, DATA_STAGE = "gate", "badcase_data"
 KINDS = ("sft", "preference", "both")
-BAD, SKIP_VERDICTS = "bad", ("", "ok", "good", "skip")
+# The reviewer's verdicts: what each means and whether it asks for training data.
+VERDICTS = {
+    "bad": "the candidate's response is bad; `corrected` (a good response) makes it training data",
+    "prefer_baseline": "the baseline's response is the good answer (or `corrected`, when given)",
+    "ok": "a false alarm: the response is fine; no data",
+    "skip": "not reviewed; no data (same as empty)",
+    "": "not reviewed yet; no data",
+}
+MAKES_DATA = ("bad", "prefer_baseline")
 SFT_FILE, PREFERENCE_FILE = "sft.jsonl", "preference.jsonl"
 PREFERENCE_FORMAT = "hh_rlhf"
 
@@ -152,15 +169,45 @@ class Reviewed:
     corrected: str | None
     baseline_response: str | None
     where: str
-    meta: dict = field(default_factory=dict)  # detector, check, why, source: kept as lineage
+    meta: dict = field(default_factory=dict)  # id, detector, check, why, source: kept as lineage
+
+    @property
+    def answer(self) -> str | None:
+        """The good response this review supplies: `corrected`, else the baseline's when preferred."""
+        if self.verdict not in MAKES_DATA:
+            return None
+        return self.corrected or (self.baseline_response if self.verdict == "prefer_baseline" else None)
+
+
+LINEAGE_KEYS = ("id", "detector", "check", "why", "severity", "where", "source", "step")
+
+
+def _review_problem(raw: dict) -> str | None:
+    """What is wrong with one line's review fields, or None."""
+    verdict = raw.get("verdict")
+    if verdict is not None and not isinstance(verdict, str):
+        return f"verdict must be a string, got {type(verdict).__name__}"
+    verdict = (verdict or "").strip().lower()
+    if verdict not in VERDICTS:
+        return f"verdict {raw['verdict']!r} is not one of {', '.join(v for v in VERDICTS if v)} (or empty)"
+    wrong = [k for k in ("corrected", "baseline_response") if raw.get(k) is not None and not isinstance(raw[k], str)]
+    if wrong:
+        return f"{', '.join(wrong)} must be a string"
+    corrected = (raw.get("corrected") or "").strip()
+    if corrected and verdict not in MAKES_DATA:
+        return f"`corrected` is filled in but verdict is {verdict or 'empty'!r}: set verdict to bad to use it"
+    if verdict == "prefer_baseline" and not corrected and not (raw.get("baseline_response") or "").strip():
+        return "verdict prefer_baseline but the case has no baseline_response: write the good answer in `corrected`"
+    return None
 
 
 def read_reviewed(path: str | os.PathLike) -> list[Reviewed]:
     """Reads a reviewed badcases file; every bad line is reported at once as `file:line`.
 
     Raises:
-        UserError: malformed JSON, missing `prompt`/`response`/`verdict`, an unknown verdict,
-            or a `corrected` that is not a string.
+        UserError: malformed JSON, missing `prompt`/`response`, an unknown verdict, a
+            `corrected` on a line whose verdict does not use it, or a `prefer_baseline`
+            without a baseline response.
     """
     rows, problems = [], []
     for lineno, raw in read_jsonl(path):
@@ -170,26 +217,22 @@ def read_reviewed(path: str | os.PathLike) -> list[Reviewed]:
         except UserError as err:
             problems.append(f"{where}: {err.what}")
             continue
-        verdict = raw.get("verdict", "")
-        verdict = "" if verdict is None else verdict
-        if not isinstance(verdict, str) or verdict.strip().lower() not in (BAD, *SKIP_VERDICTS):
-            problems.append(f"{where}: verdict {verdict!r} is not one of {[BAD, *SKIP_VERDICTS[1:]]} or empty")
+        problem = _review_problem(raw)
+        if problem:
+            problems.append(f"{where}: {problem}")
             continue
-        extras = {k: raw.get(k) for k in ("corrected", "baseline_response")}
-        wrong = [k for k, v in extras.items() if v is not None and not isinstance(v, str)]
-        if wrong:
-            problems.append(f"{where}: {', '.join(wrong)} must be a string")
-            continue
-        meta = {k: raw[k] for k in ("detector", "check", "why", "severity", "where", "source", "step") if k in raw}
-        rows.append(Reviewed(raw["prompt"], raw["response"], verdict.strip().lower(),
-                             (extras["corrected"] or "").strip() or None,
-                             (extras["baseline_response"] or "").strip() or None, where, meta))
+        rows.append(Reviewed(raw["prompt"], raw["response"], (raw.get("verdict") or "").strip().lower(),
+                             (raw.get("corrected") or "").strip() or None,
+                             (raw.get("baseline_response") or "").strip() or None, where,
+                             {k: raw[k] for k in LINEAGE_KEYS if k in raw}))
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        first = problems[0][: problems[0].index(": ")]  # the first bad line's file:line
-        raise UserError(f"{len(problems)} reviewed line(s) cannot be used:\n  {shown}", where=first,
-                        fix='each line is a gate bad case with "verdict": "bad" (optionally "corrected": a good '
-                            'response) or "ok"/"" to skip it')
+        raise UserError(f"{len(problems)} reviewed line(s) cannot be used:\n  {shown}",
+                        where=problems[0].split(": ", 1)[0],
+                        fix='set "verdict" on each line to ' + "; ".join(f"{v}: {m}" for v, m in VERDICTS.items() if v))
+    if not rows:
+        raise UserError("the reviewed file has no cases", where=str(path),
+                        fix="pass the badcases.jsonl of a gate report (nemo-rlhf eval ... --report DIR), reviewed")
     return rows
 
 
@@ -200,36 +243,44 @@ class Converted:
     sft: list[dict] = field(default_factory=list)
     preference: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
-    reviewed: int = 0
+    used: int = 0
+
+
+def _skip_reason(case: Reviewed) -> str | None:
+    if case.verdict not in MAKES_DATA:
+        return "not_reviewed" if case.verdict in ("", "skip") else f"verdict_{case.verdict}"
+    if case.answer is None:
+        return "bad_without_corrected"
+    if case.answer.strip() == case.response.strip():
+        return "answer_same_as_response"
+    return None
 
 
 def convert(cases: list[Reviewed], kind: str = "both") -> Converted:
     """Reviewed cases -> SFT rows (`chat_jsonl`) and preference rows (`hh_rlhf`), skips counted by reason."""
-    out = Converted()
+    out, seen = Converted(), set()
     for c in cases:
-        if c.verdict != BAD:
-            out.skipped["not_reviewed" if not c.verdict else f"verdict_{c.verdict}"] += 1
+        reason = _skip_reason(c)
+        key = (c.prompt, c.response, c.answer)
+        if reason is None and key in seen:
+            reason = "duplicate"  # the same response flagged by several checks
+        if reason is not None:
+            out.skipped[reason] += 1
             continue
-        out.reviewed += 1
+        seen.add(key)
         prompt = prompt_messages(c.prompt)
-        lineage = {**c.meta, "reviewed": c.where}
-        made = False
-        if kind in ("sft", "both") and c.corrected:
-            out.sft.append({"messages": [*prompt, {"role": "assistant", "content": c.corrected}], "badcase": lineage})
-            made = True
-        chosen = c.corrected or c.baseline_response
-        if kind in ("preference", "both") and chosen and chosen.strip() != c.response.strip():
-            row = {"chosen": hh_transcript([*prompt, {"role": "assistant", "content": chosen}]),
-                   "rejected": hh_transcript([*prompt, {"role": "assistant", "content": c.response}]),
-                   "chosen_from": "corrected" if c.corrected else "baseline_response", "badcase": lineage}
-            if _round_trips(row):
-                out.preference.append(row)
-                made = True
-            else:
-                out.skipped["not_representable_as_hh_transcript"] += 1
-                continue
-        if not made:
-            out.skipped["bad_without_corrected" if kind == "sft" else "bad_without_alternative"] += 1
+        lineage = {**c.meta, "verdict": c.verdict, "reviewed": c.where}
+        pair = {"chosen": hh_transcript([*prompt, {"role": "assistant", "content": c.answer}]),
+                "rejected": hh_transcript([*prompt, {"role": "assistant", "content": c.response}]),
+                "chosen_from": "corrected" if c.corrected else "baseline_response", "badcase": lineage}
+        if kind in ("preference", "both") and not _round_trips(pair):
+            out.skipped["not_representable_as_hh_transcript"] += 1
+            continue
+        out.used += 1
+        if kind in ("sft", "both"):
+            out.sft.append({"messages": [*prompt, {"role": "assistant", "content": c.answer}], "badcase": lineage})
+        if kind in ("preference", "both"):
+            out.preference.append(pair)
     return out
 
 
@@ -267,8 +318,8 @@ def add_badcases(reviewed: str | os.PathLike, out_dir: str | os.PathLike, kind: 
         The manifest written.
 
     Raises:
-        UserError: bad lines (see `read_reviewed`), an unknown kind, or an `out_dir` that
-            holds something other than an earlier add-badcases output.
+        UserError: bad lines (see `read_reviewed`), an unknown kind, no case that makes data,
+            or an `out_dir` that holds something other than an earlier add-badcases output.
     """
     started = now_iso()
     t0 = time.time()
@@ -278,6 +329,11 @@ def add_badcases(reviewed: str | os.PathLike, out_dir: str | os.PathLike, kind: 
     _check_out_dir(out_dir)
     cases = read_reviewed(reviewed)
     converted = convert(cases, kind)
+    if not converted.used:
+        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(converted.skipped.items()))
+        raise UserError(f"no reviewed case makes training data ({counts})", where=str(reviewed),
+                        fix='set "verdict": "bad" with a "corrected" response, or "prefer_baseline", on the cases '
+                            "to learn from")
     reports, findings = _gate_reports(cases)
     files = {str(reviewed.resolve()): sha256_file(reviewed)}
     files.update({str(p): sha256_file(p) for p in findings if p.is_file()})
@@ -293,7 +349,7 @@ def add_badcases(reviewed: str | os.PathLike, out_dir: str | os.PathLike, kind: 
             if wanted:
                 write_jsonl_atomic(tmp / name, rows)
                 outputs[name] = {**describe_path(tmp / name), "examples": len(rows)}
-        metrics = {"lines": len(cases), "reviewed_bad": converted.reviewed, "sft_examples": len(converted.sft),
+        metrics = {"lines": len(cases), "used": converted.used, "sft_examples": len(converted.sft),
                    "preference_pairs": len(converted.preference), "skipped": dict(converted.skipped)}
         notes = {"gate_reports": [str(p) for p in reports], "findings": [str(p) for p in findings],
                  "missing_gate_manifests": [str(p) for p in reports if p not in parents],

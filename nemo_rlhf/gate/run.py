@@ -204,16 +204,20 @@ CASE_HEAD = ("id", "detector", "check", "severity", "why", "prompt", "response",
 REVIEW_FIELDS = {"verdict": "", "corrected": ""}  # filled in by the reviewer (nemo_rlhf.gate.badcases)
 
 
-def bad_cases(result: GateResult, baseline: ResponseSet | None = None, source: dict | None = None) -> list[dict]:
+def bad_cases(result: GateResult, baseline: ResponseSet | None = None, source: dict | None = None,
+              candidate: ResponseSet | None = None) -> list[dict]:
     """The worst cases of every finding as review records (see `write_report`).
 
     Each has a unique `id` (check#n), the finding's detector/check/severity, `why`, the
     prompt, the candidate's `response`, the baseline's answer to the same prompt (null when
-    there is none), the source and empty `verdict`/`corrected` for the reviewer.
+    there is none), `where` (the response's file:line, looked up in `candidate` when the
+    check did not say), the source and empty `verdict`/`corrected` for the reviewer.
     """
-    answers = {}
+    answers, lines = {}, {}
     for row in (baseline.rows if baseline is not None else []):
         answers.setdefault(row.prompt, row.response)
+    for row in (candidate.rows if candidate is not None else []):
+        lines[(row.prompt, row.response)] = row.where  # the last PPO step's, as the checks judge it
     cases = []
     for f in result.findings:
         for n, case in enumerate(f.to_json(with_cases=True)["details"].get("cases", []), start=1):
@@ -221,12 +225,13 @@ def bad_cases(result: GateResult, baseline: ResponseSet | None = None, source: d
                     "why": case.get("why", f.message), "prompt": case.get("prompt"), "response": case.get("response"),
                     "baseline_response": case.get("baseline_response", answers.get(case.get("prompt")))}
             rest = {k: v for k, v in case.items() if k not in head and k not in REVIEW_FIELDS}
+            rest.setdefault("where", lines.get((head["prompt"], head["response"])))
             cases.append({**head, **rest, "source": source or {}, **REVIEW_FIELDS})
     return cases
 
 
 def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: ResponseSet | None = None,
-                 source: dict | None = None) -> tuple[Path, Path]:
+                 source: dict | None = None, candidate: ResponseSet | None = None) -> tuple[Path, Path]:
     """findings.json (the verdict, every finding) and badcases.jsonl (`bad_cases`: worst cases
     per check, each with an empty `verdict` for a reviewer), each written to a temp file and renamed.
 
@@ -237,13 +242,14 @@ def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: Respo
             to the same prompt (a reviewer compares them; `data add-badcases` pairs them).
         source: where the judged responses came from (run dir, responses files, checkpoints);
             every case carries it, with this report's folder, so reviewed cases trace back.
+        candidate: when given, a case without `where` gets its response's file:line.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     findings_path, cases_path = out / "findings.json", out / "badcases.jsonl"
     _write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
     origin = {**(source or {}), "report": str(out.resolve()), "findings": str(findings_path.resolve())}
-    write_jsonl_atomic(cases_path, bad_cases(result, baseline, origin))
+    write_jsonl_atomic(cases_path, bad_cases(result, baseline, origin, candidate))
     return findings_path, cases_path
 
 
@@ -262,8 +268,9 @@ def write_reports(result: GateResult, out_dir: str | os.PathLike, candidate: Res
 
     started, out = now_iso(), Path(out_dir)
     (out / MANIFEST).unlink(missing_ok=True)
-    source = {**(source or {}), **{f"{name}_file": str(Path(p).resolve()) for name, p in files.items()}}
-    findings, cases = write_report(result, out, baseline, source)
+    paths = [str(Path(p).resolve()) for p in files.values()]  # `input_files` order: candidate, baseline
+    source = {**(source or {}), **dict(zip(("candidate_file", "baseline_file"), paths))}
+    findings, cases = write_report(result, out, baseline, source, candidate)
     rows = [json.loads(line) for line in cases.read_text(encoding="utf-8").splitlines() if line.strip()]
     html = write_html_report(out, result, candidate, baseline, sets=sets, cases=rows, source=source)
     manifest = record_gate_report(out, files, {}, _config_dict(config),
