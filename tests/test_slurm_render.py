@@ -219,7 +219,7 @@ def test_data_stage_feeds_the_configs_and_every_stage_records_its_manifest(tmp_p
         assert words[record + 1: record + 3] == [str(tmp_path), name], name
         assert text.rfind("record-stage") > max(text.rfind(w) for w in ("train_gpt_sft.py", "train_reward_model.py",
                                                                          "train_gpt_ppo_actor.py", "nemo-to-hf",
-                                                                         "exported_eval", "hf-to-nemo")), name
+                                                                         "eval-exported", "hf-to-nemo")), name
     ppo = _words(tmp_path / "ppo.sbatch")
     assert ppo[ppo.index("record-stage"):].count("--parent") == 3 and "--het-group=1" in ppo
 

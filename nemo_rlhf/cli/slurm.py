@@ -43,6 +43,12 @@ def add_parser(sub) -> None:
     resume.add_argument("run_dir", type=Path, help="the RUN_DIR given to submit")
     resume.set_defaults(func=resume_cmd)
 
+    exported = verbs.add_parser("eval-exported", help="(the rendered eval stage runs this) the small-scale evaluation "
+                                "on the HF checkpoints a large-scale run exported")
+    exported.add_argument("spec", type=Path, help="RUN_DIR/spec.yaml (the resolved spec render wrote)")
+    exported.add_argument("run_dir", type=Path, help="the run directory (reads export/, writes eval/)")
+    exported.set_defaults(func=eval_exported_cmd)
+
 
 def _render(spec_path: Path, overrides: list[str], run_dir: Path, script_dir: Path):
     """Load the spec and render its stages for its scale (large scale is preflighted first).
@@ -132,4 +138,11 @@ def resume_cmd(args) -> int:
         print(f"{name}: job {jobs[name].job_id} (was {jobs[name].earlier_jobs[-1]})")
     kept = [n for n in jobs if n not in redo]
     print(f"resubmitted {', '.join(redo)}; kept finished: {', '.join(kept) or 'none'}")
+    return 0
+
+
+def eval_exported_cmd(args) -> int:
+    from nemo_rlhf.slurm.exported_eval import run_exported_eval
+
+    print(f"wrote {run_exported_eval(args.spec, args.run_dir)}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,10 @@ FORMAT = 1
 TAIL_LINES = 20
 # Why a pending job will never start: one of the stages it waits for failed.
 NEVER = "DependencyNeverSatisfied"
+# A job step's own log beside the batch logs: <step>.<job id>.<task>.{out,err} (the large-scale
+# scripts' srun --output/--error patterns <step>.%j.%t.out): a program's error is there, not in <stage>.err.
+STEP_LOG = re.compile(r"^(?P<step>.+)\.(?P<job>\d+)\.(?P<task>\d+)\.(?P<stream>out|err)$")
+MAX_STEP_LOGS = 4  # a failed stage's tail shows at most this many step logs (each task has its own)
 
 
 @dataclass
@@ -168,7 +173,8 @@ def dag_status(run_dir: Path, tail: int = TAIL_LINES) -> list[StageStatus]:
             state, reason, elapsed = info.state, info.reason, info.run_time
         status = StageStatus(job.name, job.job_id, state, reason, elapsed, finished, job.stdout, job.stderr)
         if status.failed:
-            status.log_tail = log_tail(job.stderr, tail) or log_tail(job.stdout, tail)
+            ids = set(info.component_ids if info and info.component_ids else (job.job_id,))
+            status.log_tail = failure_tail(job, ids, tail)
         # SLURM says DependencyNeverSatisfied only for the direct children of a failed job; their
         # own children just wait on "Dependency", forever.
         waits_on_dead = any(statuses[a].failed or statuses[a].blocked for a in job.after if a in statuses)
@@ -177,8 +183,41 @@ def dag_status(run_dir: Path, tail: int = TAIL_LINES) -> list[StageStatus]:
     return list(statuses.values())
 
 
+def failure_tail(job: StageJob, job_ids: set[str], lines: int) -> list[str]:
+    """The batch log's last lines, then those of the job's step logs that hold errors.
+
+    The batch stderr says which step failed (srun's and the script's own messages); the step's
+    stderr says why (the program's traceback). Only this attempt's steps (`job_ids`: the job's
+    component ids) are read: a resubmitted stage appends to the same batch logs, not to the old steps'.
+    """
+    tail = log_tail(job.stderr, lines) or log_tail(job.stdout, lines)
+    shown = 0
+    for path in step_logs(Path(job.stderr).parent, job_ids, "err"):
+        step_tail = log_tail(str(path), lines)
+        if step_tail and shown < MAX_STEP_LOGS:
+            tail += [f"==> {path} <==", *step_tail]
+            shown += 1
+    return tail
+
+
+def step_logs(log_dir: Path, job_ids: set[str], stream: str) -> list[Path]:
+    """The step logs (<step>.<job id>.<task>.<stream>) in `log_dir` of the given jobs, by name."""
+    try:
+        names = sorted(os.listdir(log_dir))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = STEP_LOG.match(name)
+        if match and match["job"] in job_ids and match["stream"] == stream:
+            found.append(log_dir / name)
+    return found
+
+
 def log_tail(path: str, lines: int) -> list[str]:
-    """The last `lines` lines of a log file ([] when it does not exist)."""
+    """The last `lines` lines of a log file ([] when it does not exist, or for lines <= 0)."""
+    if lines <= 0:  # [-0:] would be the whole file
+        return []
     try:
         with open(path, errors="replace") as handle:
             return handle.read().splitlines()[-lines:]

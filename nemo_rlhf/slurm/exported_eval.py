@@ -1,6 +1,6 @@
 """The large-scale pipeline's `eval` stage: the small-scale evaluation on exported HF checkpoints.
 
-    python -m nemo_rlhf.slurm.exported_eval RUN_DIR/spec.yaml RUN_DIR
+    nemo-rlhf slurm eval-exported RUN_DIR/spec.yaml RUN_DIR   (cluster.nemo_rlhf_command, like the other tools)
 
 Runs `nemo_rlhf.stages.evaluate.EvalStage` (the same code as at small scale) with the base model
 (model.path) and the checkpoints the export stage wrote to RUN_DIR/export/{sft,rm,ppo}/model;

@@ -241,7 +241,7 @@ def _tool_steps(spec: PipelineSpec, stage: str, paths: RunPaths) -> list[Step]:
                       paths, f"export-{name}")
                 for name, cfg in (("sft", "sft"), ("rm", "rm"), ("ppo", "ppo_actor"))]
     return [_step("the small-scale evaluation on the exported HF checkpoints (one GPU)",
-                  ["python", "-m", "nemo_rlhf.slurm.exported_eval", str(paths.root / "spec.yaml"), str(paths.root)],
+                  _tool_argv(spec, "slurm", "eval-exported", str(paths.root / "spec.yaml"), str(paths.root)),
                   paths, "eval")]
 
 

@@ -56,6 +56,8 @@ class JobInfo:
         run_time: elapsed time as SLURM prints it ([D-]HH:MM:SS).
         exit_code: "status:signal" of the batch script.
         restarts: how often the job was requeued.
+        component_ids: the JobId of each component (a heterogeneous job's groups get ids of their
+            own, job_id + offset; SLURM expands %j in a step's log name to its component's id).
     """
 
     job_id: str
@@ -64,6 +66,7 @@ class JobInfo:
     run_time: str
     exit_code: str
     restarts: int
+    component_ids: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -154,6 +157,7 @@ def job_info(job_id: str) -> JobInfo | None:
         run_time=lead.get("RunTime", ""),
         exit_code=lead.get("ExitCode", ""),
         restarts=int(lead.get("Restarts", "0") or 0),
+        component_ids=tuple(p["JobId"] for p in parts if p.get("JobId")),
     )
 
 

@@ -11,6 +11,11 @@ which is how they import this module.
 
 A stand-in fails on purpose when the file named by $NEMO_RLHF_STANDIN_FAIL_FILE exists and lists
 its name (one per line): how the tests make one stage of a DAG fail.
+
+Each one checks what it is handed, so a wiring mistake fails the job: the config file exists and has
+every key it reads, trainer.num_nodes x trainer.devices is the srun's nodes x tasks, the .nemo it
+starts from is a .nemo whose heads, query groups and layers the config's TP and PP divide, and the
+data files are jsonl with the keys NeMo-Aligner reads.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import yaml
@@ -120,6 +126,37 @@ def check_jsonl(name: str, path: str, keys: tuple[str, ...]) -> int:
     if not rows or missing:
         die(name, f"{path}: {len(rows)} rows, rows {missing[:5]} lack {keys}")
     return len(rows)
+
+
+def read_nemo_config(name: str, path: str) -> dict:
+    """model_config.yaml of a .nemo: a tar (as our converter writes PATH.nemo) or an extracted directory."""
+    file = check_file(name, path, ".nemo")
+    if file.is_dir():
+        config = file / "model_config.yaml"
+        if not config.is_file():
+            die(name, f"{path} has no model_config.yaml: not an extracted .nemo")
+        return yaml.safe_load(config.read_text())
+    try:
+        with tarfile.open(file) as tar:
+            member = next((m for m in tar.getmembers() if m.name.lstrip("./") == "model_config.yaml"), None)
+            if member is None:
+                die(name, f"{path} has no model_config.yaml: not a .nemo")
+            return yaml.safe_load(tar.extractfile(member).read())
+    except tarfile.TarError as err:
+        die(name, f"{path} is not a .nemo (tar): {err}")
+    return {}
+
+
+def check_nemo(name: str, cfg: dict, path: str) -> Path:
+    """The checkpoint a stage starts from: a .nemo whose shape the config's TP and PP divide (as Megatron insists)."""
+    model = read_nemo_config(name, path)
+    tp, pp = get(cfg, "model.tensor_model_parallel_size"), get(cfg, "model.pipeline_model_parallel_size")
+    heads, layers = model["num_attention_heads"], model["num_layers"]
+    groups = model.get("num_query_groups") or heads
+    if heads % tp or groups % tp or layers % pp:
+        die(name, f"{path}: {heads} heads / {groups} query groups / {layers} layers do not split over TP {tp}, PP {pp}")
+    log(name, f"checkpoint {path}: {layers} layers, {heads} heads, {groups} query groups")
+    return Path(path)
 
 
 def save_nemo(name: str, cfg: dict, source: Path) -> Path:

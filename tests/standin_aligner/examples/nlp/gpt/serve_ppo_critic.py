@@ -13,7 +13,7 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from standin_common import check_file, check_forced_failure, check_layout, get, load_config, log, rank
+from standin_common import check_forced_failure, check_layout, check_nemo, get, load_config, log, rank
 
 NAME = "critic"
 
@@ -49,7 +49,7 @@ if __name__ == "__main__":
     cfg = load_config(NAME, sys.argv[1:])
     check_forced_failure(NAME)
     check_layout(NAME, cfg)
-    check_file(NAME, get(cfg, "pretrained_checkpoint.restore_from_path"), "restore_from_path")
+    check_nemo(NAME, cfg, get(cfg, "pretrained_checkpoint.restore_from_path"))
     if not get(cfg, "trainer.ppo.combine_rm_and_critic_server"):
         log(NAME, "warning: combine_rm_and_critic_server is false")
     if rank() != 0:

@@ -13,10 +13,10 @@ import time
 import urllib.request
 
 from standin_common import (
-    check_file,
     check_forced_failure,
     check_jsonl,
     check_layout,
+    check_nemo,
     die,
     get,
     load_config,
@@ -47,7 +47,7 @@ if __name__ == "__main__":
     cfg = load_config(NAME, sys.argv[1:])
     check_forced_failure(NAME)
     check_layout(NAME, cfg)
-    source = check_file(NAME, get(cfg, "pretrained_checkpoint.restore_from_path"), "restore_from_path")
+    source = check_nemo(NAME, cfg, get(cfg, "pretrained_checkpoint.restore_from_path"))
     check_jsonl(NAME, get(cfg, "model.data.data_prefix.train")[0], ("text",))
     host, port = get(cfg, "remote_critic_rm.critic.ip"), get(cfg, "remote_critic_rm.critic.port")
     address = resolve_host(NAME, host)
