@@ -94,8 +94,11 @@ def length_histogram(sets: dict[str, ResponseSet]) -> str | None:
     top = max(max(v) for v in lengths.values())
     bins = np.linspace(0, max(top, 1) + 1, 21)
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    for name, values in lengths.items():
-        ax.hist(values, bins=bins, alpha=0.45, label=f"{name} (median {np.median(values):.0f})")
+    for i, (name, values) in enumerate(lengths.items()):  # outlines: overlapping sets stay visible
+        color = f"C{i}"
+        ax.hist(values, bins=bins, alpha=0.2, color=color)
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.8, linestyle=("-", "--", ":")[i % 3], color=color,
+                label=f"{name} (median {np.median(values):.0f})")
     ax.set_xlabel("response length (words)")
     ax.set_ylabel("responses")
     ax.set_title("response lengths")
