@@ -11,7 +11,7 @@ SLURM_JOB_NODELIST_HET_GROUP_0 and talks to it.
 
 The critic is made to fail first: the het job fails at once, `slurm status` names ppo and the
 critic, export and eval stay unrun; `resume` then finishes the pipeline without redoing the rest.
-It proves the wiring, not NeMo.
+The run directory's name is full of shell syntax. It proves the wiring, not NeMo.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import yaml
 
 from nemo_rlhf.slurm.dag import cancel_dag
 from tests.helpers import REPO
-from tests.test_slurm_dag import wait_until_settled
+from tests.test_slurm_dag import HOSTILE, wait_until_settled
 
 RECIPE = REPO / "recipes" / "smollm2-360m-cluster.yaml"
 STANDIN = REPO / "tests" / "standin_aligner"
@@ -103,7 +103,7 @@ def large_run(slurm_cluster, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("large local")
     policy, reward_nemo = tiny_models(root)
-    run_dir, fail_file = root / "run", root / "fail-these"
+    run_dir, fail_file = root / HOSTILE, root / "fail-these"  # every path in every script must be quoted
     fail_file.write_text("critic\n")
     port = free_port()
     # The jobs inherit this environment (sbatch --export=ALL): the venv's python and nemo-rlhf, as
@@ -160,6 +160,8 @@ def test_resume_runs_the_het_job_and_finishes_the_pipeline(large_run):
     assert architectures == {"sft": ["LlamaForCausalLM"], "rm": ["LlamaForSequenceClassification"],
                              "ppo": ["LlamaForCausalLM"]}
     assert (run_dir / "eval" / "manifest.json").is_file()
+    for where in (REPO, STANDIN, run_dir, run_dir.parent, Path.cwd()):  # the quoted $(...) and `...` ran nowhere
+        assert not (where / "pwned").exists() and not (where / "pwned2").exists(), where
 
 
 def _step_logs(run_dir: Path, step: str) -> str:
