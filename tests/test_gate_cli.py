@@ -78,6 +78,9 @@ def test_inflated_candidate_fails_and_names_length_inflation(files, capsys, tmp_
     cases = [json.loads(line) for line in (report / "badcases.jsonl").read_text().splitlines()]
     assert cases and all(c["verdict"] == "" and c["detector"] and "response" in c for c in cases)
     assert {c["check"] for c in cases} >= {"length_shift", "length_controlled_gain"}
+    assert all(c["where"].startswith(f"{files['inflated']}:") and c["corrected"] == "" for c in cases)
+    assert f"FAILED: {', '.join(result['failed_detectors'])}" in (report / "report.html").read_text()  # see test_gate_report
+    assert json.loads((report / "manifest.json").read_text())["metrics"]["passed"] is False
     assert not [p for p in report.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
