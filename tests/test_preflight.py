@@ -119,6 +119,34 @@ def test_pipeline_parallel_on_a_model_that_fits_warns():
     assert "fits at TP 1 without pipeline parallelism" in report.render()
 
 
+def test_recomputation_a_stage_does_not_need_warns():
+    report = run_preflight(load_spec(SMALL, ["parallel.rm.activations_checkpoint=full"]))
+    assert [w.key for w in report.warnings] == ["parallel.rm.activations_checkpoint"]
+    assert "full recomputation is not needed" in report.render()
+    # Where the memory is needed, recomputation is no waste: Llama-3-8B SFT at TP 1 fits only with it.
+    tight = run_preflight(load_spec(RECIPES / "llama3-8b-cluster.yaml", [
+        "parallel.sft.tp=1", "parallel.sft.sequence_parallel=false", "parallel.sft.activations_checkpoint=full"]))
+    assert not [w for w in tight.warnings if w.key == "parallel.sft.activations_checkpoint"], tight.render()
+
+
+def test_sequence_parallel_at_tp1_warns():
+    report = run_preflight(load_spec(SMALL, ["parallel.critic.sequence_parallel=true"]))
+    assert [w.key for w in report.warnings] == ["parallel.critic.sequence_parallel"]
+    assert "does nothing at tp=1" in report.render()
+
+
+def test_tensor_parallel_across_nodes_warns():
+    report = run_preflight(load_spec(SMALL, ["cluster.gpus_per_node=2", "parallel.sft.nodes=4", "parallel.sft.tp=4",
+                                             "model.arch.num_attention_heads=16", "model.arch.num_query_groups=4"]))
+    assert [w.key for w in report.warnings] == ["parallel.sft.tp"], report.render()
+    assert "TP 4 spans nodes (2 GPUs per node)" in report.render()
+
+
+def test_cli_prints_warnings_and_still_passes():
+    proc = cli("preflight", str(SMALL), "parallel.sft.pp=2")
+    assert proc.returncode == 0 and "warning: parallel.sft.pp:" in proc.stdout and "1 warning(s)" in proc.stdout
+
+
 def test_memory_model_matches_known_figures():
     """Llama-3-8B has 8.03 B parameters; Megatron's documented 18 bytes/param without the distributed
     optimizer and 6 + 12/DP with it (docs/source/distrib_optimizer.md)."""

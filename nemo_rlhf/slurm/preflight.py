@@ -248,19 +248,37 @@ def check_memory(ctx: Context) -> None:
                           f"{ctx.spec.cluster.gpu_memory_gb:g} ({est.describe()})",
                           "raise tp/pp or nodes, use the distributed optimizer, lower micro_batch_size, or set "
                           "activations_checkpoint=full")
-        if lay.pp > 1 and all(e.total <= limit for e in estimates):
-            flat = lay.parallelism(pp=1, vpp=1, dp=lay.dp * lay.pp)
-            # Only when it fits comfortably: an estimate within 10% of the limit is no reason to drop PP.
-            if all(e.total <= WASTE_HEADROOM * limit for e in _estimates(ctx, lay, flat)):
-                ctx.warn(f"{lay.key}.pp", f"the model fits at TP {lay.tp} without pipeline parallelism "
-                         f"(PP 1, DP {lay.dp * lay.pp}); PP {lay.pp} only adds pipeline bubbles",
-                         f"set {lay.key}.pp=1")
+
+
+def _fits_comfortably(ctx: Context, lay: StageLayout, **changes) -> bool:
+    """Every phase of `lay` changed by `changes` fits within WASTE_HEADROOM of the GPU: an estimate
+    within 10% of the limit is no reason to give up a memory saving."""
+    limit = WASTE_HEADROOM * ctx.spec.cluster.gpu_memory_gb * memory.GB
+    return all(e.total <= limit for e in _estimates(ctx, lay, lay.parallelism(**changes)))
+
+
+def check_waste(ctx: Context) -> None:
+    """Warnings (never errors) for legal layouts that cost speed for memory the stage does not need."""
+    for lay in ctx.layouts.values():
+        if not lay.dp:
+            continue  # the layout itself is wrong; already reported
         if lay.tp > lay.gpus // lay.nodes:
             ctx.warn(f"{lay.key}.tp", f"TP {lay.tp} spans nodes ({lay.gpus // lay.nodes} GPUs per node): tensor "
                      "parallel all-reduces then cross the network", "keep tp <= cluster.gpus_per_node; use pp")
+        if not _fits_comfortably(ctx, lay):
+            continue  # tight already: every memory saving is earning its cost
+        if lay.pp > 1 and _fits_comfortably(ctx, lay, pp=1, vpp=1, dp=lay.dp * lay.pp):
+            ctx.warn(f"{lay.key}.pp", f"the model fits at TP {lay.tp} without pipeline parallelism "
+                     f"(PP 1, DP {lay.dp * lay.pp}); PP {lay.pp} only adds pipeline bubbles",
+                     f"set {lay.key}.pp=1")
+        if lay.recompute and _fits_comfortably(ctx, lay, recompute=None):
+            ctx.warn(f"{lay.key}.activations_checkpoint", f"{lay.recompute} recomputation is not needed: the stage "
+                     "fits with every activation kept, and recomputing them costs compute (full: up to a third more)",
+                     f"set {lay.key}.activations_checkpoint=null")
 
 
-RULES = (check_world_size, check_heads, check_layers, check_batches, check_ppo, check_lengths, check_memory)
+RULES = (check_world_size, check_heads, check_layers, check_batches, check_ppo, check_lengths, check_memory,
+         check_waste)
 
 
 def run_preflight(spec: PipelineSpec) -> PreflightReport:
