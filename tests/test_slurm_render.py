@@ -180,6 +180,35 @@ def test_control_characters_refused(override, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+HOST = ["cluster.runtime=host", "cluster.container_image=null", "cluster.mounts=[]"]
+
+
+def test_host_runtime_drops_the_container_flags_only(tmp_path):
+    """Same commands, same quoting; only pyxis's --container-* / --no-container-mount-home words go."""
+    container = render_pipeline(load_spec(RECIPES[0]), tmp_path / "c")
+    host = render_pipeline(load_spec(RECIPES[0], HOST), tmp_path / "h")
+    for c, h in zip(container, host):
+        c_words = [w.replace(str(tmp_path / "c"), "RUN") for w in _words(c.script)]
+        h_words = [w.replace(str(tmp_path / "h"), "RUN") for w in _words(h.script)]
+        assert [w for w in c_words if "container" not in w] == h_words, c.name
+        assert any(w.startswith("--container-image=") for w in c_words), c.name
+        assert "Runtime `host`" in h.script.read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster.runtime=docker"], "cluster.runtime"),
+    (["cluster.runtime=host", "cluster.mounts=[]"], "cluster.container_image: 'nvcr.io#nvidia/nemo:24.12' is set but "
+                                                    "cluster.runtime is host"),
+    (["cluster.runtime=host", "cluster.container_image=null"], "cluster.mounts: container mounts are set but "
+                                                               "cluster.runtime is host"),
+    (["cluster.container_image=null"], "cluster.container_image: required when scale is large (runtime: container)"),
+])
+def test_runtime_settings_checked(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_spec(REPO / "recipes" / "smollm2-360m-cluster.yaml", overrides)
+    assert message in err.value.render()
+
+
 def test_small_scale_spec_refused(tmp_path):
     with pytest.raises(UserError, match="scale is 'small'"):
         render_pipeline(load_spec(REPO / "recipes" / "tiny-cpu.yaml"), tmp_path)
