@@ -44,6 +44,17 @@ def add_parser(sub) -> None:
                                                    "of rendering them from the spec")
     cfg.set_defaults(func=run_config)
 
+    loss = verbs.add_parser("loss", help="one fixed batch: SFT/RM loss of the HF model vs the converted megatron-core "
+                                         "model (TP, CPU gloo); PPO math in TRL's and NeMo-Aligner's formulation")
+    _common(loss)
+    loss.add_argument("--stage", choices=STAGES, required=True)
+    _model_args(loss)
+    loss.add_argument("--aligner-data", type=Path, help="NeMo side from these NeMo-Aligner files (`nemo-rlhf data "
+                                                        "prepare-aligner`); default: rendered from the TRL rows")
+    loss.add_argument("--batch-size", type=int, help="examples (RM: pairs) in the batch; default: micro_batch_size")
+    loss.add_argument("--configs", type=Path, help="PPO: NeMo-Aligner keys from rendered configs in this folder")
+    loss.set_defaults(func=run_loss)
+
 
 def load(args):
     """The spec of a parity verb (UserError, exit 2, when it is missing or invalid)."""
@@ -77,6 +88,37 @@ def emit(result, args) -> int:
     else:
         print(format_text(result))
     return 0 if result.passed else 1
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hf", type=Path, help="the small-scale HF model of the stage (default: the spec's random base "
+                                           "model, built as the pipeline builds it)")
+    p.add_argument("--nemo", type=Path, help="its .nemo (default: converted here with `nemo-rlhf convert`)")
+    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size megatron-core runs at (default 2)")
+
+
+def _check_dirs(args, *names: str) -> None:
+    from nemo_rlhf.errors import UserError
+
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value.is_dir():
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{value} is not a folder", where=flag, fix=f"pass an existing folder to {flag}")
+    if getattr(args, "tp", 1) < 1:
+        raise UserError(f"--tp {args.tp}: must be >= 1", where="--tp", fix="pass --tp 1 or more")
+
+
+def run_loss(args) -> int:
+    from nemo_rlhf.parity.loss import ppo_parity, sft_rm_loss_parity
+
+    spec = load(args)
+    _check_dirs(args, "aligner_data", "configs", "hf")
+    if args.stage == "ppo":
+        return emit(ppo_parity(spec, args.configs), args)
+    result = sft_rm_loss_parity(spec, args.stage, hf_dir=args.hf, nemo_path=args.nemo, aligner_dir=args.aligner_data,
+                                tp=args.tp, batch_size=args.batch_size)
+    return emit(result, args)
 
 
 def run_config(args) -> int:

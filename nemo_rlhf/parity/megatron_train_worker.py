@@ -71,13 +71,15 @@ def _causal(seq: int, batch: int):
 
 def _sft_step(data_iterator, module):
     """NeMo's SFT micro-batch: megatron's vocab-parallel token CE, then the masked token mean."""
+    from nemo_rlhf.parity.losses import masked_token_mean
+
     batch = next(data_iterator)
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"].float()
     positions, mask = _causal(*tokens.shape[::-1])
     per_token = module(tokens, positions, mask, labels=labels)  # [b, s]
 
     def loss_func(output):
-        loss = (output.float() * loss_mask).sum() / loss_mask.sum()
+        loss = masked_token_mean(output, loss_mask)
         return loss, {"loss": loss.detach().clone(), "token_ce": output.detach().clone()}
 
     return per_token, loss_func
@@ -85,7 +87,7 @@ def _sft_step(data_iterator, module):
 
 def _rm_step(data_iterator, module):
     """NeMo-Aligner's RM micro-batch: rewards at lengths-1, Bradley-Terry loss averaged over the pairs."""
-    from nemo_rlhf.parity.loss_megatron import bradley_terry
+    from nemo_rlhf.parity.losses import bradley_terry
     from nemo_rlhf.verify.megatron_worker import reward_outputs
 
     batch = next(data_iterator)
@@ -118,11 +120,13 @@ def _run_schedule(model, micro_batches: list[dict], stage: str, forward_only: bo
 
 def _gathered_token_ce(model, micro_batch: dict) -> torch.Tensor:
     """Token CE from the full-vocabulary logits megatron gathers (the HF side's computation)."""
+    from nemo_rlhf.parity.losses import token_cross_entropy
+
     tokens, labels = micro_batch["tokens"], micro_batch["labels"]
     positions, mask = _causal(*tokens.shape[::-1])
     with torch.no_grad():
         logits = model(tokens, positions, mask, runtime_gather_output=True).float()  # [b, s, V]
-    return -logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return token_cross_entropy(logits, labels)
 
 
 def _loss_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:

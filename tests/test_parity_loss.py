@@ -1,0 +1,128 @@
+"""`nemo-rlhf parity loss`: TRL's loss on real rows vs megatron-core's on the converted model (TP=2, gloo), and PPO math.
+
+Each megatron launch runs two micro-batches, the aligned one and a deliberately misaligned one, so one
+torchrun shows both that the aligned batch agrees within the fp32 bound and that the misalignment fails.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from nemo_rlhf.parity.config import rendered_configs
+from nemo_rlhf.parity.loss import (fixed_batch, ppo_parity, rm_checks, rm_nemo_inputs, rm_trl_side, sft_checks,
+                                   sft_nemo_inputs, sft_trl_side)
+from nemo_rlhf.parity.megatron_launch import run_train_worker
+from nemo_rlhf.parity.models import load_hf, stage_models
+from nemo_rlhf.spec.loader import load_spec
+from tests.helpers import TINY, cli
+
+
+# std 0.1: with HF's 0.02 an untrained model's logits are nearly uniform and a wrong mask moves the loss by
+# only ~4e-4 (FACTS.md); at 0.1 the per-token losses differ and so does the masked mean.
+WIDER_INIT = "model.random.init_std=0.1"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(TINY, [WIDER_INIT])
+
+
+def _launch(spec, stage, tmp_path_factory, misalign):
+    """(TRL side, worker inputs, worker outputs) with micro-batch 0 aligned and micro-batch 1 misaligned."""
+    models = stage_models(spec, stage, tmp_path_factory.mktemp(stage))
+    tok = models.tokenizer
+    batch = fixed_batch(spec, tok, stage, 3)
+    make = sft_nemo_inputs if stage == "sft" else rm_nemo_inputs
+    inputs = {**make(tok, batch.records, "mb0"), **make(tok, misalign(batch.records), "mb1")}
+    run = run_train_worker(models.nemo_path, inputs, len(tok), 2, stage, "loss", {"micro-batches": 2})
+    assert run.outputs is not None, run.tail
+    side = sft_trl_side if stage == "sft" else rm_trl_side
+    return side(load_hf(models, stage), tok, batch.trl_rows), inputs, run.outputs
+
+
+def _header_in_completion(records):
+    """The classic SFT mistake: the role header "assistant\\n" trained on. Same tokens, wrong mask."""
+    return [{"input": r["input"].removesuffix("assistant\n"), "output": "assistant\n" + r["output"]} for r in records]
+
+
+def _swapped(records):
+    """Comparison lines in the wrong order: rejected first."""
+    return [records[i + j] for i in range(0, len(records), 2) for j in (1, 0)]
+
+
+def test_sft_loss_matches_at_tp2_and_a_wrong_mask_fails(spec, tmp_path_factory):
+    trl, inputs, out = _launch(spec, "sft", tmp_path_factory, _header_in_completion)
+    aligned = {c.name: c for c in sft_checks(trl, inputs, out, mb=0)}
+    assert all(c.passed for c in aligned.values()), [(c.name, c.value, c.tolerance) for c in aligned.values()]
+    assert aligned["sft/token_ce"].value < aligned["sft/token_ce"].tolerance / 5  # measured ~1e-6 vs 2e-5
+    wrong = {c.name: c for c in sft_checks(trl, inputs, out, mb=1)}
+    assert wrong["sft/token_ids"].passed  # the same tokens ...
+    # ... but "assistant\n" (3 GPT-2 tokens) trained in each of the 3 examples
+    assert not wrong["sft/loss_mask"].passed and wrong["sft/loss_mask"].value == 3 * 3
+    assert not wrong["sft/loss"].passed and wrong["sft/loss"].value > 10 * wrong["sft/loss"].tolerance
+
+
+def test_rm_loss_accuracy_margin_match_and_swapped_pairs_fail(spec, tmp_path_factory):
+    trl, inputs, out = _launch(spec, "rm", tmp_path_factory, _swapped)
+    aligned = {c.name: c for c in rm_checks(trl, inputs, out, mb=0)}
+    assert all(c.passed for c in aligned.values()), [(c.name, c.value, c.tolerance) for c in aligned.values()]
+    wrong = {c.name: c for c in rm_checks(trl, inputs, out, mb=1)}
+    assert not wrong["rm/token_ids"].passed and not wrong["rm/rewards"].passed and not wrong["rm/margin"].passed
+
+
+def test_cli_rm_end_to_end_and_a_layout_the_model_cannot_have(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = cli("parity", "loss", str(TINY), WIDER_INIT, "--stage", "rm", "--json", "--report", str(tmp_path / "rep"),
+               "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["passed"] and out["meta"]["tp"] == 2
+    assert {c["name"] for c in out["checks"]} == {"rm/token_ids", "rm/rewards", "rm/loss", "rm/accuracy", "rm/margin"}
+    assert (tmp_path / "rep" / "loss-rm.png").is_file() and (run / "parity" / "loss-rm.json").is_file()
+    bad = cli("parity", "loss", str(TINY), "--stage", "sft", "--tp", "3")
+    assert bad.returncode == 2 and "not divisible by TP=3" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------------------------- PPO
+
+ALIGNED_PPO = ["ppo.missing_eos_penalty=null"]  # NeMo-Aligner has no EOS penalty
+
+
+def _configs(tmp_path, spec, **actor):
+    for name, cfg in rendered_configs(spec).items():
+        if name == "ppo_actor":
+            for key, value in actor.items():
+                OmegaConf.update(cfg, f"trainer.ppo.{key}", value, merge=False)
+        OmegaConf.save(cfg, tmp_path / f"{name}.yaml")
+    return tmp_path
+
+
+def test_ppo_aligned_configs_agree_after_structural_bridges(tmp_path):
+    result = ppo_parity(load_spec(TINY, ALIGNED_PPO))
+    assert result.passed, [(c.name, c.detail) for c in result.checks if not c.passed]
+    checks = {c.name: c for c in result.checks}
+    # raw differences exist and are each explained by a named structural difference
+    assert checks["ppo/advantages_whitened"].extra["raw_max_diff"] > 1e-3
+    assert "score_after_eos" in checks["ppo/rewards"].extra["structural"]
+
+
+@pytest.mark.parametrize("edit, failing", [
+    ({"normalize_advantages": False}, "advantage whitening"),  # whitening on the TRL side only
+    ({"use_absolute_kl": True}, "KL estimator"),  # NeMo-Aligner's upstream default |k1| vs TRL's k1
+])
+def test_ppo_misaligned_configs_fail_and_name_the_difference(tmp_path, edit, failing):
+    spec = load_spec(TINY, ALIGNED_PPO)
+    result = ppo_parity(spec, _configs(tmp_path, spec, **edit))
+    failed = [c for c in result.checks if not c.passed]
+    assert failed and all(failing in c.detail for c in failed)
+    assert "ppo/policy_loss" in {c.name for c in failed}
+
+
+def test_ppo_missing_eos_penalty_and_k3_fail():
+    for override in ("ppo.missing_eos_penalty=1.0", "ppo.kl_estimator=k3"):
+        result = ppo_parity(load_spec(TINY, [*ALIGNED_PPO, override]))
+        assert not result.passed, override
