@@ -12,6 +12,7 @@ chat_jsonl -> SFT rows and the SFT lint), with lineage back to the run.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,17 @@ def test_prompt_forms_become_chat_turns(tokenizer):
     assert prompt_messages(hh_transcript(turns) + "\n\nAssistant:") == turns
     assert prompt_messages("  What is 2 + 2?\n") == [{"role": "user", "content": "What is 2 + 2?"}]
     assert set(VERDICTS) == {"bad", "prefer_baseline", "ok", "skip", ""}
+
+
+def test_reviewing_in_place_finds_the_report_it_sits_in(gate, tmp_path):
+    """A report folder that moved (a pipeline stage renames its temp folder): the reviewed file's
+    own folder, when it is a gate report, is the parent."""
+    moved = tmp_path / "moved-report"
+    shutil.copytree(gate["report"], moved)
+    write_jsonl_atomic(moved / "badcases.jsonl",
+                       [{**c, "source": {**c["source"], "report": "/nonexistent/gate"}} for c in review(gate["cases"])])
+    out = tmp_path / "data"
+    assert main(["data", "add-badcases", str(moved / "badcases.jsonl"), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["inputs"]["parents"]) == ["moved-report"]
+    assert manifest["notes"]["missing_gate_manifests"] == ["/nonexistent/gate"]

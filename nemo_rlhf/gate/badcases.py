@@ -295,9 +295,15 @@ def _round_trips(row: dict) -> bool:
             and bool(chosen[-1]["content"]) and bool(rejected[-1]["content"]))
 
 
-def _gate_reports(cases: list[Reviewed]) -> tuple[list[Path], list[Path]]:
-    """The gate report folders and findings.json files the cases name in their `source`."""
+def _gate_reports(cases: list[Reviewed], reviewed: Path) -> tuple[list[Path], list[Path]]:
+    """The gate report folders and findings.json files the cases name in their `source`, and
+    the reviewed file's own folder when it is a gate report (a reviewer editing badcases.jsonl
+    in place, or a report whose recorded path has moved)."""
     reports, findings = [], []
+    here = reviewed.resolve().parent
+    if _is_gate_report(here):
+        reports.append(here)
+        findings.append(here / "findings.json")
     for c in cases:
         source = c.meta.get("source") or {}
         if isinstance(source, dict):
@@ -306,6 +312,13 @@ def _gate_reports(cases: list[Reviewed]) -> tuple[list[Path], list[Path]]:
             if source.get("findings"):
                 findings.append(Path(source["findings"]))
     return list(dict.fromkeys(reports)), list(dict.fromkeys(findings))
+
+
+def _is_gate_report(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("stage") == GATE_STAGE
+    except (OSError, ValueError):
+        return False
 
 
 def add_badcases(reviewed: str | os.PathLike, out_dir: str | os.PathLike, kind: str = "both") -> dict:
@@ -334,7 +347,7 @@ def add_badcases(reviewed: str | os.PathLike, out_dir: str | os.PathLike, kind: 
         raise UserError(f"no reviewed case makes training data ({counts})", where=str(reviewed),
                         fix='set "verdict": "bad" with a "corrected" response, or "prefer_baseline", on the cases '
                             "to learn from")
-    reports, findings = _gate_reports(cases)
+    reports, findings = _gate_reports(cases, reviewed)
     files = {str(reviewed.resolve()): sha256_file(reviewed)}
     files.update({str(p): sha256_file(p) for p in findings if p.is_file()})
     parents = [p for p in reports if (p / MANIFEST).is_file()]

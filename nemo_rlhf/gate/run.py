@@ -231,7 +231,8 @@ def bad_cases(result: GateResult, baseline: ResponseSet | None = None, source: d
 
 
 def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: ResponseSet | None = None,
-                 source: dict | None = None, candidate: ResponseSet | None = None) -> tuple[Path, Path]:
+                 source: dict | None = None, candidate: ResponseSet | None = None,
+                 final_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """findings.json (the verdict, every finding) and badcases.jsonl (`bad_cases`: worst cases
     per check, each with an empty `verdict` for a reviewer), each written to a temp file and renamed.
 
@@ -243,12 +244,15 @@ def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: Respo
         source: where the judged responses came from (run dir, responses files, checkpoints);
             every case carries it, with this report's folder, so reviewed cases trace back.
         candidate: when given, a case without `where` gets its response's file:line.
+        final_dir: where `out_dir` will live once renamed (a pipeline stage writes into a
+            temporary folder): the path the cases' `source.report` names, default `out_dir`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     findings_path, cases_path = out / "findings.json", out / "badcases.jsonl"
     _write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
-    origin = {**(source or {}), "report": str(out.resolve()), "findings": str(findings_path.resolve())}
+    final = Path(final_dir or out).resolve()
+    origin = {**(source or {}), "report": str(final), "findings": str(final / findings_path.name)}
     write_jsonl_atomic(cases_path, bad_cases(result, baseline, origin, candidate))
     return findings_path, cases_path
 
