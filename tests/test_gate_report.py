@@ -135,8 +135,9 @@ def test_report_renders_in_chromium_with_its_plots(report, tmp_path):
     assert len(dom.findings) == len(saved["findings"])
     shown = {(r["attrs"]["data-detector"], r["attrs"]["data-check"]): r["cells"] for r in dom.findings}
     for f in saved["findings"]:
-        severity, detector, check, value, threshold, message = shown[(f["detector"], f["check"])]
+        severity, detector, check, value, threshold, message, details = shown[(f["detector"], f["check"])]
         assert (severity, detector, check, message) == (f["severity"], f["detector"], f["check"], f["message"])
+        assert json.loads(details.removeprefix("numbers") or "{}").keys() <= f["details"].keys()
         for cell, number in ((value, f["value"]), (threshold, f["threshold"])):
             assert cell == "n/a" if number is None else float(cell) == pytest.approx(number, rel=1e-3)
     # The hostile response is text on the page; nothing in it ran.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import math
 import os
 from datetime import datetime, timezone
@@ -201,6 +202,14 @@ def _sample(r) -> dict:
     return {"response": r.response, "meta": ", ".join([f"{length(r)} words", *scores])}
 
 
+def _details(finding, limit: int = 4000) -> str:
+    """A finding's other numbers (intervals, per-side rates, fit parameters) as indented JSON;
+    the bulky `cases` and `points` are shown elsewhere (bad cases, the reward plot)."""
+    details = {k: v for k, v in finding.to_json()["details"].items() if k not in ("check", "points")}
+    text = json.dumps(details, indent=1, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit] + "\n... (see findings.json)"
+
+
 def _number(value) -> str:
     if value is None:
         return "n/a"
@@ -234,7 +243,8 @@ def render_html(result: GateResult, candidate: ResponseSet, baseline: ResponseSe
         passed=result.passed,
         failed=result.failed_detectors,
         findings=[{"detector": f.detector, "check": f.check, "severity": f.severity, "value": _number(f.value),
-                   "threshold": _number(f.threshold), "message": f.message} for f in findings],
+                   "threshold": _number(f.threshold), "message": f.message, "details": _details(f)}
+                  for f in findings],
         counts={s: sum(f.severity == s for f in result.findings) for s in SEVERITY_ORDER},
         candidate=candidate.name, baseline=baseline.name, n_candidate=len(candidate.final()), n_baseline=len(baseline),
         plots=plots, lengths=length_table(sets), samples=side_by_side(candidate, baseline), cases=(cases or [])[:50],
