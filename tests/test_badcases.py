@@ -197,6 +197,8 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
     proc = cli("data", "add-badcases", str(bad), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{bad}:1:" in proc.stderr and "fix:" in proc.stderr
+    proc = cli("data", "add-badcases", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "reviewed file" in proc.stderr and "not found" in proc.stderr
 
 
 def test_prompt_forms_become_chat_turns(tokenizer):

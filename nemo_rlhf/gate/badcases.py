@@ -339,6 +339,9 @@ def add_badcases(reviewed: str | os.PathLike, out_dir: str | os.PathLike, kind: 
     if kind not in KINDS:
         raise UserError(f"unknown --kind {kind!r}", fix=f"use one of {', '.join(KINDS)}")
     reviewed, out_dir = Path(reviewed), Path(out_dir)
+    if not reviewed.is_file():
+        raise UserError(f"reviewed file {reviewed} not found", where=str(reviewed),
+                        fix="pass the badcases.jsonl of a gate report (nemo-rlhf eval ... --report DIR) after review")
     _check_out_dir(out_dir)
     cases = read_reviewed(reviewed)
     converted = convert(cases, kind)
