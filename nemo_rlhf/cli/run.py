@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("spec", nargs="?", help="spec YAML; default: the embedded recipe (SmolLM2-135M-Instruct on CPU)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.02")
     p.add_argument("--out", required=True, type=Path, help="run directory (one sub-directory per stage)")
-    p.add_argument("--until", help="stop after this stage (base, sft, rm, ppo, eval)")
+    p.add_argument("--until", help="stop after this stage (base, sft, rm, gold_rm, ppo, eval, gate)")
     p.set_defaults(func=run)
 
 
@@ -48,4 +48,16 @@ def run(args) -> int:
         f"skipped (up to date): {', '.join(skipped) or 'none'}"
     )
     print(f"lineage: nemo-rlhf lineage show {args.out / outcomes[-1].stage}")
-    return 0
+    return _gate_exit_code(args.out, outcomes)
+
+
+def _gate_exit_code(run_dir: Path, outcomes) -> int:
+    """1 when the pipeline's gate stage (ppo.sample_every on) judged the run and it failed, else 0."""
+    if not any(o.stage == "gate" for o in outcomes):
+        return 0
+    from nemo_rlhf.lineage.manifest import read_manifest
+
+    metrics = read_manifest(run_dir / "gate")["metrics"]
+    print(f"gate: {'PASSED' if metrics['passed'] else 'FAILED (' + ', '.join(metrics['failed_detectors']) + ')'}"
+          f" -> {run_dir / 'gate' / 'report.html'}")
+    return 0 if metrics["passed"] else 1

@@ -6,7 +6,9 @@ sees a question SFT was trained on. hh-rlhf pairs are split by a hash of the pro
 train (RM training and PPO prompts) and held-out (RM accuracy and the evaluation stage).
 The training split is shuffled once with the spec's seed: the proxy RM takes its first
 `data.preference.num_examples` pairs, the gold RM the next pairs whose prompts the proxy
-RM never saw (disjoint by pair and by prompt), PPO its prompts from the end.
+RM never saw (disjoint by pair and by prompt), PPO its prompts from the end, and SFT in the
+`hh_rlhf_chosen` format the chosen answers of the pairs just before those PPO prompts (counted
+from the end, so SFT's share does not move when the RMs' shares change).
 """
 
 from __future__ import annotations
@@ -114,6 +116,17 @@ def apply_rm_exploit(pairs: list[PreferencePair], exploit: str) -> tuple[list[Pr
         else:
             out.append(pair)
     return out, {"exploit": exploit, "swapped": swapped, "dropped_ties": ties, "kept": len(out)}
+
+
+def sft_chosen_pairs(spec: PipelineSpec, root: Path) -> list[PreferencePair]:
+    """SFT data in the `hh_rlhf_chosen` format: the `data.sft.num_examples` training-split pairs
+    just before the PPO prompts, counted from the end of the seeded shuffle (their chosen answers
+    are the targets). They meet the RMs' pairs (taken from the front) only when the shares
+    together exceed the split."""
+    train = _shuffled(preference_split(spec, root).train, spec.seed)[::-1]
+    start = spec.data.prompts.hh_rlhf
+    n = spec.data.sft.num_examples or len(train) - start
+    return train[start : start + n]
 
 
 def ppo_chat_prompts(spec: PipelineSpec, root: Path) -> list[list[dict]]:

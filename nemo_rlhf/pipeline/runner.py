@@ -68,7 +68,7 @@ def run_pipeline(
             if stage_enabled(stage, spec):
                 outcomes.append(_run_one(stage, spec, run_dir, root, log))
             else:
-                log(f"[{stage.name}] off ({stage.name}.enabled is false)")
+                log(f"[{stage.name}] off ({getattr(stage, 'off_reason', f'{stage.name}.enabled is false')})")
             if stage.name == until:
                 break
     return outcomes

@@ -84,7 +84,11 @@ class ModelConfig:
 @dataclass
 class SFTDataConfig:
     path: str = _f("gsm8k/train.jsonl", "SFT jsonl (relative paths are under data.root).")
-    format: str = _f("gsm8k", "Row format: gsm8k ({question, answer}).")
+    format: str = _f(
+        "gsm8k",
+        "Row format: gsm8k ({question, answer} at `path`), or hh_rlhf_chosen (the chosen answers of training "
+        "pairs from data.preference; `path` then only feeds PPO's GSM8K prompts; small scale only).",
+    )
     num_examples: int = _f(256, "How many rows to use (first N after a seeded shuffle); 0 = all.")
 
 

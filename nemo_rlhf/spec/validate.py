@@ -17,7 +17,7 @@ CHOICES = {
     "model.source": ("pypi_gguf", "hf_dir", "random"),
     "model.dtype": ("float32", "bfloat16"),
     "model.random.architecture": ("llama",),
-    "data.sft.format": ("gsm8k",),
+    "data.sft.format": ("gsm8k", "hh_rlhf_chosen"),
     "data.preference.format": ("hh_rlhf",),
     "rm.init_from": ("sft", "base"),
     "rm.exploit": ("none", "longer_wins"),
@@ -254,6 +254,9 @@ def _reward_hacking_problems(spec: PipelineSpec) -> list[str]:
     if spec.ppo.sample_every:
         problems.append("ppo.sample_every: PPO checkpoint samples are written by the small-scale pipeline only "
                         "(set ppo.sample_every=0)")
+    if spec.data.sft.format != "gsm8k":
+        problems.append(f"data.sft.format: {spec.data.sft.format!r} is read by the small-scale pipeline only; the "
+                        "cluster's SFT files are written from GSM8K (set data.sft.format=gsm8k)")
     return problems
 
 

@@ -1,4 +1,8 @@
-"""Stage `sft`: supervised fine-tuning of the base model on GSM8K with TRL's SFTTrainer.
+"""Stage `sft`: supervised fine-tuning of the base model with TRL's SFTTrainer.
+
+`data.sft.format` picks the examples (`SFT_SOURCES`): gsm8k (worked math answers, the
+default) or hh_rlhf_chosen (the chosen answers of hh-rlhf training pairs: short chat replies
+that end, what the reward-hacking experiment needs from a small policy).
 
 The examples reach TRL already tokenized (input_ids + completion_mask, built by
 nemo_rlhf.data.examples from the model's chat template), so the lint checks exactly the
@@ -14,6 +18,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+from nemo_rlhf.data.chat_sft import ChatExample, build_chat_sft_rows
 from nemo_rlhf.data.examples import build_sft_rows
 from nemo_rlhf.data.lint import lint_sft, raise_if_issues
 from nemo_rlhf.lineage.manifest import read_manifest
@@ -44,6 +49,23 @@ CURVES = {
 }
 
 
+def _gsm8k_rows(spec: PipelineSpec, root: Path, tokenizer) -> tuple[list[dict], int]:
+    return build_sft_rows(tokenizer, data_plan.sft_problems(spec, root), spec.sft.max_length)
+
+
+def _chosen_rows(spec: PipelineSpec, root: Path, tokenizer) -> tuple[list[dict], int]:
+    pairs = data_plan.sft_chosen_pairs(spec, root)
+    examples = [ChatExample(p.prompt, p.chosen, p.source_line) for p in pairs]
+    return build_chat_sft_rows(tokenizer, examples, spec.sft.max_length)
+
+
+# data.sft.format -> (rows builder, the spec path its data comes from, what it is for logs).
+SFT_SOURCES = {
+    "gsm8k": (_gsm8k_rows, lambda spec: spec.data.sft.path, "GSM8K examples"),
+    "hh_rlhf_chosen": (_chosen_rows, lambda spec: spec.data.preference.path, "hh-rlhf chosen answers"),
+}
+
+
 class SFTStage:
     name = "sft"
 
@@ -51,16 +73,20 @@ class SFTStage:
         return ("base",)
 
     def config(self, spec: PipelineSpec) -> dict:
-        return {"sft": asdict(spec.sft), "data.sft": asdict(spec.data.sft), "seed": spec.seed}
+        config = {"sft": asdict(spec.sft), "data.sft": asdict(spec.data.sft), "seed": spec.seed}
+        if spec.data.sft.format == "hh_rlhf_chosen":  # which pairs: the split and the PPO prompts' share
+            config.update({"data.preference": asdict(spec.data.preference), "data.prompts": asdict(spec.data.prompts)})
+        return config
 
     def input_files(self, spec: PipelineSpec, root: Path) -> list[Path]:
-        return [data_path(root, spec.data.sft.path)]
+        return [data_path(root, SFT_SOURCES[spec.data.sft.format][1](spec))]
 
     def run(self, ctx) -> dict:
         spec, base = ctx.spec, ctx.parents["base"]
         tokenizer = load_tokenizer(base / MODEL_DIR)
         require_same_template("sft", tokenizer, read_manifest(base)["notes"]["chat_template_sha256"], "base")
-        rows, dropped = build_sft_rows(tokenizer, data_plan.sft_problems(spec, ctx.data_root), spec.sft.max_length)
+        build, _, what = SFT_SOURCES[spec.data.sft.format]
+        rows, dropped = build(spec, ctx.data_root, tokenizer)
         require_rows("sft", rows, "examples that fit sft.max_length", "raise sft.max_length or data.sft.num_examples")
         raise_if_issues("sft", lint_sft(tokenizer, rows))
         ctx.notes.update(
@@ -69,7 +95,7 @@ class SFTStage:
             chat_template_sha256=chat_template_sha256(tokenizer),
             loss_tokens=sum(sum(r["completion_mask"]) for r in rows),
         )
-        ctx.log(f"[sft] {len(rows)} GSM8K examples ({dropped} longer than {spec.sft.max_length} tokens dropped)")
+        ctx.log(f"[sft] {len(rows)} {what} ({dropped} longer than {spec.sft.max_length} tokens dropped)")
         dataset = Dataset.from_list(
             [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows]
         )
