@@ -55,6 +55,19 @@ def add_parser(sub) -> None:
     loss.add_argument("--configs", type=Path, help="PPO: NeMo-Aligner keys from rendered configs in this folder")
     loss.set_defaults(func=run_loss)
 
+    data = verbs.add_parser("data", help="NeMo-Aligner data files vs the TRL rows: identical token ids and masks")
+    _common(data)
+    data.add_argument("--aligner-data", type=Path, help="check these files (`nemo-rlhf data prepare-aligner`); "
+                                                        "default: render them from the TRL rows now")
+    data.set_defaults(func=run_data)
+
+    model = verbs.add_parser("model", help="the conversion certificate at the recipe's TP/PP (parallel.<stage>)")
+    _common(model)
+    model.add_argument("--stage", choices=STAGES, default="sft", help="whose layout and model kind (rm: reward)")
+    _model_args(model)
+    model.add_argument("--pp", type=int, help="pipeline-parallel size (default: parallel.<stage>.pp)")
+    model.set_defaults(func=run_model, tp=None)
+
 
 def load(args):
     """The spec of a parity verb (UserError, exit 2, when it is missing or invalid)."""
@@ -105,8 +118,8 @@ def _check_dirs(args, *names: str) -> None:
         if value is not None and not value.is_dir():
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{value} is not a folder", where=flag, fix=f"pass an existing folder to {flag}")
-    if getattr(args, "tp", 1) < 1:
-        raise UserError(f"--tp {args.tp}: must be >= 1", where="--tp", fix="pass --tp 1 or more")
+    if (getattr(args, "tp", None) or 1) < 1 or (getattr(args, "pp", None) or 1) < 1:
+        raise UserError("--tp and --pp must be >= 1", where="--tp/--pp", fix="pass 1 or more")
 
 
 def run_loss(args) -> int:
@@ -119,6 +132,22 @@ def run_loss(args) -> int:
     result = sft_rm_loss_parity(spec, args.stage, hf_dir=args.hf, nemo_path=args.nemo, aligner_dir=args.aligner_data,
                                 tp=args.tp, batch_size=args.batch_size)
     return emit(result, args)
+
+
+def run_data(args) -> int:
+    from nemo_rlhf.parity.data_model import data_parity
+
+    spec = load(args)
+    _check_dirs(args, "aligner_data")
+    return emit(data_parity(spec, args.aligner_data), args)
+
+
+def run_model(args) -> int:
+    from nemo_rlhf.parity.data_model import model_parity
+
+    spec = load(args)
+    _check_dirs(args, "hf")
+    return emit(model_parity(spec, args.stage, args.hf, args.nemo, args.tp, args.pp), args)
 
 
 def run_config(args) -> int:
