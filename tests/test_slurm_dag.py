@@ -159,6 +159,21 @@ def test_resume_finishes_without_redoing_finished_stages(dags):
         assert "JobState=CANCELLED" in proc.stdout, proc.stdout
 
 
+def test_stages_the_spec_turns_off_get_no_job(tmp_path):
+    """gold_rm and gate run only when enabled: a job for a disabled stage would leave no manifest, and
+    `resume` would then redo it and everything after it."""
+    from nemo_rlhf.slurm.small_scale import render_small_scale
+    from nemo_rlhf.spec.loader import load_spec
+
+    off = render_small_scale(load_spec(TINY), TINY, [], tmp_path / "off", tmp_path / "off")
+    assert [(s.name, s.after) for s in off] == [("base", ()), ("sft", ("base",)), ("rm", ("sft",)), ("ppo", ("rm",)),
+                                                ("eval", ("ppo",))]
+    on = render_small_scale(load_spec(TINY, ["gold_rm.enabled=true"]), TINY, ["gold_rm.enabled=true"],
+                            tmp_path / "on", tmp_path / "on")
+    assert [s.name for s in on] == ["base", "sft", "rm", "gold_rm", "ppo", "eval"] and on[4].after == ("gold_rm",)
+    assert "gold_rm.enabled=true" in (tmp_path / "on" / "gold_rm.sbatch").read_text()
+
+
 @pytest.mark.parametrize("name", ["new\nline", "tab\there", "bell\x07"])
 def test_control_characters_in_paths_are_refused(tmp_path, name):
     proc = cli("slurm", "render", str(TINY), "--out", str(tmp_path / name))

@@ -1,6 +1,7 @@
 """Small-scale specs on SLURM: one CPU job per stage, each running `nemo-rlhf run --until <stage>`.
 
-The jobs form a chain (base -> sft -> rm -> ppo -> eval): the small-scale runner locks the run
+The jobs form a chain (base -> sft -> rm [-> gold_rm] -> ppo [-> gate] -> eval; the bracketed stages
+only when the spec enables them): the small-scale runner locks the run
 directory and runs stages in order, so two of them must never run at once. Each job runs the
 same command a user would type, so a job skips whatever finished before (lineage manifests),
 and a requeued job (`--requeue`, logs opened with `--open-mode=append`) simply carries on.
@@ -104,13 +105,16 @@ def render_small_scale(
         refuse_control_chars(override, "override")
     refuse_log_path_patterns(Path(values["run_dir"]))
     directives = _cluster_directives(spec)
-    from nemo_rlhf.pipeline.stages import STAGE_NAMES  # imports torch and TRL (~5 s): only past the checks
+    from nemo_rlhf.pipeline.stages import STAGES, stage_enabled  # imports torch and TRL (~5 s): past the checks
 
+    # A stage the spec turns off (gold_rm, gate) gets no job: the runner passes over it and writes no
+    # manifest, so `resume` would take it for unfinished and run it, and what follows it, again.
+    names = [s.name for s in STAGES if stage_enabled(s, spec)]
     run_dir, script_dir = Path(values["run_dir"]), Path(script_dir)
     (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
     script_dir.mkdir(parents=True, exist_ok=True)
     stages = []
-    for i, stage in enumerate(STAGE_NAMES):
+    for i, stage in enumerate(names):
         text = SCRIPT.substitute(
             stage=stage,
             name=spec.name,
@@ -127,7 +131,7 @@ def render_small_scale(
         )
         script = script_dir / f"{stage}.sbatch"
         script.write_text(text)
-        stages.append(RenderedStage(name=stage, script=script, after=(STAGE_NAMES[i - 1],) if i else ()))
+        stages.append(RenderedStage(name=stage, script=script, after=(names[i - 1],) if i else ()))
     return stages
 
 
