@@ -223,3 +223,18 @@ def test_reviewing_in_place_finds_the_report_it_sits_in(gate, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["inputs"]["parents"]) == ["moved-report"]
     assert manifest["notes"]["missing_gate_manifests"] == ["/nonexistent/gate"]
+
+
+def test_next_round_sft_trains_on_the_reviewed_cases(added, tmp_path, capsys):
+    """data -> model: the tiny pipeline's SFT stage reads the produced file (data.sft.format=chat_jsonl)
+    and its manifest records the very file add-badcases wrote."""
+    sft_file = added["out"] / "sft.jsonl"
+    overrides = ["data.sft.format=chat_jsonl", f"data.sft.path={sft_file}"]
+    assert main(["run", str(TINY), "--until", "sft", "--out", str(tmp_path / "run"), *overrides]) == 2
+    assert "data.prompts.gsm8k=0" in capsys.readouterr().err  # PPO's GSM8K prompts need a GSM8K file
+    cli("run", str(TINY), "--until", "sft", "--out", str(tmp_path / "run"), *overrides, "data.prompts.gsm8k=0",
+        check=True)
+    sft = json.loads((tmp_path / "run" / "sft" / "manifest.json").read_text())
+    written = json.loads((added["out"] / "manifest.json").read_text())["outputs"]["sft.jsonl"]["sha256"]
+    assert sft["inputs"]["files"][str(sft_file)] == written
+    assert sft["notes"]["examples"] == 2 and sft["notes"]["loss_tokens"] > 0

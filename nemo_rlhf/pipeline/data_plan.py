@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from nemo_rlhf.data.chat_sft import ChatExample, load_chat_sft
 from nemo_rlhf.data.gsm8k import MathProblem, load_gsm8k
 from nemo_rlhf.data.hh_rlhf import PreferencePair, load_preference_pairs, prompt_key, split_heldout
 from nemo_rlhf.errors import UserError
@@ -57,6 +58,8 @@ def sft_problems(spec: PipelineSpec, root: Path) -> list[MathProblem]:
 
 
 def ppo_math_questions(spec: PipelineSpec, root: Path) -> list[MathProblem]:
+    if not spec.data.prompts.gsm8k:  # data.sft.path may then hold other SFT data (chat_jsonl)
+        return []
     problems = _shuffled(_gsm8k(str(data_path(root, spec.data.sft.path))), spec.seed)
     start = spec.data.sft.num_examples or len(problems)
     return problems[start : start + spec.data.prompts.gsm8k]
@@ -116,6 +119,13 @@ def apply_rm_exploit(pairs: list[PreferencePair], exploit: str) -> tuple[list[Pr
         else:
             out.append(pair)
     return out, {"exploit": exploit, "swapped": swapped, "dropped_ties": ties, "kept": len(out)}
+
+
+def sft_chat_examples(spec: PipelineSpec, root: Path) -> list[ChatExample]:
+    """SFT data in the `chat_jsonl` format: the first `data.sft.num_examples` conversations of
+    `data.sft.path` after a seeded shuffle."""
+    examples = _shuffled(load_chat_sft(data_path(root, spec.data.sft.path)), spec.seed)
+    return examples[: spec.data.sft.num_examples or len(examples)]
 
 
 def sft_chosen_pairs(spec: PipelineSpec, root: Path) -> list[PreferencePair]:

@@ -87,7 +87,9 @@ class SFTDataConfig:
     format: str = _f(
         "gsm8k",
         "Row format: gsm8k ({question, answer} at `path`), or hh_rlhf_chosen (the chosen answers of training "
-        "pairs from data.preference; `path` then only feeds PPO's GSM8K prompts; small scale only).",
+        "pairs from data.preference; `path` then only feeds PPO's GSM8K prompts; small scale only), or chat_jsonl "
+        "({messages} conversations at `path`, e.g. from `nemo-rlhf data add-badcases`; needs "
+        "data.prompts.gsm8k=0; small scale only).",
     )
     num_examples: int = _f(256, "How many rows to use (first N after a seeded shuffle); 0 = all.")
 

@@ -17,7 +17,7 @@ CHOICES = {
     "model.source": ("pypi_gguf", "hf_dir", "random"),
     "model.dtype": ("float32", "bfloat16"),
     "model.random.architecture": ("llama",),
-    "data.sft.format": ("gsm8k", "hh_rlhf_chosen"),
+    "data.sft.format": ("gsm8k", "hh_rlhf_chosen", "chat_jsonl"),
     "data.preference.format": ("hh_rlhf",),
     "rm.init_from": ("sft", "base"),
     "rm.exploit": ("none", "longer_wins"),
@@ -228,6 +228,9 @@ def _batch_problems(spec: PipelineSpec) -> list[str]:
         problems.append(f"ppo.total_episodes: {p.total_episodes} is less than one rollout ({p.rollout_batch_size})")
     if spec.data.prompts.hh_rlhf + spec.data.prompts.gsm8k == 0:
         problems.append("data.prompts: PPO needs prompts; set data.prompts.hh_rlhf or data.prompts.gsm8k > 0")
+    if spec.data.sft.format == "chat_jsonl" and spec.data.prompts.gsm8k:
+        problems.append("data.prompts.gsm8k: PPO's GSM8K prompts come from data.sft.path, which holds chat_jsonl "
+                        "conversations here; set data.prompts.gsm8k=0")
     if spec.model.source == "random":
         limit = spec.model.random.max_position_embeddings
         for key, length in (

@@ -1,8 +1,9 @@
 """Stage `sft`: supervised fine-tuning of the base model with TRL's SFTTrainer.
 
 `data.sft.format` picks the examples (`SFT_SOURCES`): gsm8k (worked math answers, the
-default) or hh_rlhf_chosen (the chosen answers of hh-rlhf training pairs: short chat replies
-that end, what the reward-hacking experiment needs from a small policy).
+default), hh_rlhf_chosen (the chosen answers of hh-rlhf training pairs: short chat replies
+that end, what the reward-hacking experiment needs from a small policy) or chat_jsonl
+(conversations, e.g. reviewed gate bad cases from `nemo-rlhf data add-badcases`).
 
 The examples reach TRL already tokenized (input_ids + completion_mask, built by
 nemo_rlhf.data.examples from the model's chat template), so the lint checks exactly the
@@ -59,10 +60,15 @@ def _chosen_rows(spec: PipelineSpec, root: Path, tokenizer) -> tuple[list[dict],
     return build_chat_sft_rows(tokenizer, examples, spec.sft.max_length)
 
 
+def _chat_jsonl_rows(spec: PipelineSpec, root: Path, tokenizer) -> tuple[list[dict], int]:
+    return build_chat_sft_rows(tokenizer, data_plan.sft_chat_examples(spec, root), spec.sft.max_length)
+
+
 # data.sft.format -> (rows builder, the spec path its data comes from, what it is for logs).
 SFT_SOURCES = {
     "gsm8k": (_gsm8k_rows, lambda spec: spec.data.sft.path, "GSM8K examples"),
     "hh_rlhf_chosen": (_chosen_rows, lambda spec: spec.data.preference.path, "hh-rlhf chosen answers"),
+    "chat_jsonl": (_chat_jsonl_rows, lambda spec: spec.data.sft.path, "chat examples"),
 }
 
 
