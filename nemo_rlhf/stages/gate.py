@@ -72,7 +72,7 @@ class GateStage:
         result = run_gate(candidate, baseline, cfg, extra=[battle_check(make_judge(cfg, gold))])
         source = {"run_dir": str(ctx.run_dir.resolve()), "candidate_file": str(files["ppo"].resolve()),
                   "baseline_file": str(files["sft"].resolve()), "stage": "gate"}
-        write_report(result, ctx.out, baseline, source, candidate)
+        write_report(result, ctx.out, baseline, source, candidate, final_dir=ctx.run_dir / self.name)  # ctx.out is renamed
         cases = bad_cases(result, baseline, source, candidate)
         write_html_report(ctx.out, result, candidate, baseline, cases=cases, source=source)
         self._log(ctx, result)
