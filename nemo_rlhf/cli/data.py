@@ -58,8 +58,8 @@ def add_badcases_cmd(args) -> int:
     parents = ", ".join(manifest["inputs"]["parents"]) or "none (the gate report has no manifest.json)"
     print(f"lineage: {args.out / 'manifest.json'} <- gate report {parents} (nemo-rlhf lineage show {args.out})")
     if "sft.jsonl" in manifest["outputs"]:
-        print(f"fine-tune on the examples: data.sft.format=chat_jsonl data.sft.path={(args.out / 'sft.jsonl').resolve()} "
-              "data.prompts.gsm8k=0")
+        sft = (args.out / "sft.jsonl").resolve()
+        print(f"fine-tune on the examples: data.sft.format=chat_jsonl data.sft.path={sft} data.prompts.gsm8k=0")
     if "preference.jsonl" in manifest["outputs"]:
         print(f"train a reward model on the pairs: data.preference.path={(args.out / 'preference.jsonl').resolve()}")
     return 0

@@ -72,7 +72,8 @@ class GateStage:
         result = run_gate(candidate, baseline, cfg, extra=[battle_check(make_judge(cfg, gold))])
         source = {"run_dir": str(ctx.run_dir.resolve()), "candidate_file": str(files["ppo"].resolve()),
                   "baseline_file": str(files["sft"].resolve()), "stage": "gate"}
-        write_report(result, ctx.out, baseline, source, candidate, final_dir=ctx.run_dir / self.name)  # ctx.out is renamed
+        # ctx.out is a temporary folder renamed on success: the cases name where it ends up.
+        write_report(result, ctx.out, baseline, source, candidate, final_dir=ctx.run_dir / self.name)
         cases = bad_cases(result, baseline, source, candidate)
         write_html_report(ctx.out, result, candidate, baseline, cases=cases, source=source)
         self._log(ctx, result)
