@@ -86,7 +86,7 @@ def test_exported_cases_have_what_a_reviewer_needs(gate):
         row = json.loads(Path(path).read_text().splitlines()[int(line) - 1])
         assert (row["prompt"], row["response"]) == (c["prompt"], c["response"])
         src = c["source"]
-        assert src["run_dir"] == str(run) and src["candidate"] == "ppo" and src["baseline"] == "sft"
+        assert src["run_dir"] == str(run.resolve()) and src["candidate"] == "ppo" and src["baseline"] == "sft"
         assert src["candidate_file"] == str((run / "eval/responses/ppo.jsonl").resolve())
         assert src["report"] == str(gate["report"].resolve())
     manifest = json.loads((gate["report"] / "manifest.json").read_text())

@@ -35,15 +35,12 @@ def add_parser(sub) -> None:
 def run_eval(args) -> int:
     from nemo_rlhf.gate.run import (
         battle_check,
-        input_files,
         load_inputs,
         load_reward_model,
         make_judge,
         resolve_config,
-        run_dir_sets,
         run_gate,
         score_missing,
-        write_reports,
     )
 
     cfg, seed, source = None, None, "built-in defaults (see `nemo-rlhf spec explain gate`)"
@@ -69,19 +66,26 @@ def run_eval(args) -> int:
     judge = make_judge(cfg, models.get("gold_reward"))
     result = run_gate(candidate, baseline, cfg, extra=[battle_check(judge)])
     if args.report:
-        origin = {"run_dir": args.run_dir, "spec": args.spec, "overrides": " ".join(args.overrides) or None,
-                  "candidate": candidate.name, "baseline": baseline.name,
-                  "proxy_rm": args.proxy_rm, "gold_rm": args.gold_rm}
-        paths = write_reports(result, args.report, candidate, baseline,
-                              input_files(args.candidate, args.baseline, args.run_dir), cfg,
-                              source={k: str(v) for k, v in origin.items() if v is not None},
-                              sets=run_dir_sets(args.run_dir, candidate, baseline))
-        print(f"report: {paths['html']} (bad cases to review: {paths['badcases']})", file=log)
+        _write_reports(args, result, candidate, baseline, cfg, log)
     if args.json:
         print(result.dumps())
     else:
         _print_table(result, candidate, baseline)
     return 0 if result.passed else 1
+
+
+def _write_reports(args, result, candidate, baseline, cfg, log) -> None:
+    """--report DIR: findings, bad cases, report.html and the manifest, each case saying where it came from."""
+    from nemo_rlhf.gate.run import input_files, run_dir_sets, write_reports
+
+    origin = {"run_dir": args.run_dir and Path(args.run_dir).resolve(), "spec": args.spec and Path(args.spec).resolve(),
+              "overrides": " ".join(args.overrides) or None, "candidate": candidate.name, "baseline": baseline.name,
+              "proxy_rm": args.proxy_rm, "gold_rm": args.gold_rm}
+    paths = write_reports(result, args.report, candidate, baseline,
+                          input_files(args.candidate, args.baseline, args.run_dir), cfg,
+                          source={k: str(v) for k, v in origin.items() if v is not None},
+                          sets=run_dir_sets(args.run_dir, candidate, baseline))
+    print(f"report: {paths['html']} (bad cases to review: {paths['badcases']})", file=log)
 
 
 def _print_table(result, candidate, baseline) -> None:
