@@ -10,7 +10,8 @@ serves HTTP on the rendered port, the stand-in actor in het-group 1 finds it thr
 SLURM_JOB_NODELIST_HET_GROUP_0 and talks to it.
 
 The critic is made to fail first: the het job fails at once, `slurm status` names ppo and the
-critic, export and eval stay unrun; `resume` then finishes the pipeline without redoing the rest.
+critic, export and eval stay unrun; resumed, the actor fails, and status names it; resumed once
+more, the pipeline finishes without redoing the stages before ppo.
 The run directory's name is full of shell syntax. It proves the wiring, not NeMo.
 """
 
@@ -121,7 +122,11 @@ def large_run(slurm_cluster, tmp_path_factory):
         seen["failed_text"] = run_cli(env, "slurm", "status", str(run_dir)).stdout
         seen["before_resume"] = manifests(run_dir, BEFORE_PPO)
         seen["unfinished_before_resume"] = [s for s in STAGES if not (run_dir / s / "manifest.json").exists()]
-        fail_file.write_text("")  # the user fixes the critic, then resumes
+        fail_file.write_text("actor\n")  # the critic is fixed; now the actor fails
+        seen["actor_resume"] = run_cli(env, "slurm", "resume", str(run_dir))
+        seen["actor_failed_states"] = wait_until_settled(run_dir, TIMEOUT_S)
+        seen["actor_failed_json"] = status_json(env, run_dir)
+        fail_file.write_text("")  # the user fixes the actor, then resumes
         seen["resume"] = run_cli(env, "slurm", "resume", str(run_dir))
         seen["states"] = wait_until_settled(run_dir, TIMEOUT_S)
         seen["json"] = status_json(env, run_dir)
@@ -142,6 +147,18 @@ def test_failing_critic_fails_the_het_job_and_status_names_it(large_run):
     assert "ppo-critic." in tail and "forced failure" in tail, tail  # the critic step's own stderr
     assert "failed: ppo" in large_run["failed_text"] and "forced failure" in large_run["failed_text"]
     assert large_run["unfinished_before_resume"] == ["ppo", "export", "eval"]
+
+
+def test_failing_actor_fails_the_het_job_and_status_names_it(large_run):
+    assert large_run["actor_resume"].returncode == 0, large_run["actor_resume"].stderr
+    states = {s.name: s.state for s in large_run["actor_failed_states"]}
+    assert states["ppo"] == "FAILED" and states["export"] == states["eval"] == "PENDING", states
+    status = large_run["actor_failed_json"]
+    assert status["failed"] == ["ppo"]
+    tail = "\n".join({row["name"]: row for row in status["stages"]}["ppo"]["log_tail"])
+    assert "the actor (het-group 1) exited with status 1" in tail and "ppo-actor." in tail, tail
+    assert "forced failure: " in tail and "lists 'actor'" in tail, tail
+    assert "lists 'critic'" not in tail  # only this attempt's step logs
 
 
 def test_resume_runs_the_het_job_and_finishes_the_pipeline(large_run):
@@ -173,8 +190,9 @@ def test_critic_and_actor_met_on_the_rendered_host_and_port(large_run):
     critic, actor = _step_logs(run_dir, "ppo-critic"), _step_logs(run_dir, "ppo-actor")
     assert f"serving on port {port}" in critic and "answered" in critic
     assert critic.count("forced failure") == 0  # stdout only; the failed attempt stopped before its checks
-    assert critic.count("layout ok: 1 nodes, 2 ranks, TP 2, PP 1, DP 1") == 2  # the resumed attempt's 2 ranks
-    assert critic.count(f"checkpoint {run_dir}/rm/results/checkpoints/rm.nemo") == 2
+    # 2 ranks in each of the two attempts after the critic's failure (the actor failed in the first)
+    assert critic.count("layout ok: 1 nodes, 2 ranks, TP 2, PP 1, DP 1") == 4
+    assert critic.count(f"checkpoint {run_dir}/rm/results/checkpoints/rm.nemo") == 4
     group0 = {line.split("SLURM_JOB_NODELIST_HET_GROUP_0=")[1].split(")")[0]
               for line in actor.splitlines() if "SLURM_JOB_NODELIST_HET_GROUP_0=" in line}
     assert len(group0) == 1 and group0 <= {"n1", "n2"}, actor
