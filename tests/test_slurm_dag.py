@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from nemo_rlhf.slurm.dag import cancel_dag, dag_status
+from nemo_rlhf.slurm.dag import cancel_dag, dag_status, resume_dag, submit_dag
+from nemo_rlhf.slurm.stages import RenderedStage
 from tests.helpers import REPO, TINY, cli
 
 STAGES = ("base", "sft", "rm", "ppo", "eval")
@@ -252,3 +253,38 @@ def test_requeued_stage_continues_and_running_dags_are_protected(slurm_cluster, 
     assert states["ppo"] == states["eval"] == "CANCELLED", states
     assert all(state == "CANCELLED" or (run_dir / name / "manifest.json").is_file() for name, state in states.items())
     assert "nothing was queued or running" in cli("slurm", "cancel", str(run_dir), check=True).stdout
+
+
+def _stage_script(path: Path, run_dir: Path, name: str, body: str) -> RenderedStage:
+    """A minimal stage: `body`, then its manifest (the contract every rendered stage keeps)."""
+    path.write_text(f"""#!/bin/bash
+#SBATCH --output={run_dir}/{name}.out
+#SBATCH --ntasks=1
+set -e
+rm -f {run_dir}/{name}/manifest.json
+{body}
+mkdir -p {run_dir}/{name} && echo '{{}}' > {run_dir}/{name}/manifest.json
+""")
+    return path
+
+
+def test_resume_drops_the_old_manifests_of_stages_it_reruns(slurm_cluster, tmp_path):
+    """A stage after the failed one that had finished in an earlier run is stale until it runs again."""
+    run_dir, flag = tmp_path / "run", tmp_path / "fixed"
+    run_dir.mkdir()
+    stages = [RenderedStage("a", _stage_script(tmp_path / "a.sbatch", run_dir, "a", f"sleep 2; test -e {flag}")),
+              RenderedStage("b", _stage_script(tmp_path / "b.sbatch", run_dir, "b", "true"), after=("a",))]
+    (run_dir / "b").mkdir()
+    (run_dir / "b" / "manifest.json").write_text("{}")  # from an earlier run
+    try:
+        submit_dag(stages, run_dir, {})
+        settled = {s.name: s for s in wait_until_settled(run_dir, 60)}
+        assert settled["a"].state == "FAILED" and settled["b"].blocked
+        flag.touch()
+        assert resume_dag(run_dir) == ["a", "b"]
+        assert not (run_dir / "b" / "manifest.json").exists()  # at once, before b could start
+        assert not {s.name: s for s in dag_status(run_dir)}["b"].finished
+        final = wait_until_settled(run_dir, 60)
+        assert [(s.name, s.state, s.finished) for s in final] == [("a", "COMPLETED", True), ("b", "COMPLETED", True)]
+    finally:
+        cancel_dag(run_dir)

@@ -236,7 +236,8 @@ def resume_dag(run_dir: Path) -> list[str]:
     """Resubmit the stages that did not finish and every stage after them.
 
     Finished stages (their lineage manifest exists) are kept as they are. Stages left pending
-    forever behind a failed stage are cancelled and queued again.
+    forever behind a failed stage are cancelled and queued again. A stage that runs again loses
+    its old manifest first (its script would remove it anyway, once it starts).
 
     Returns:
         The names of the stages submitted again ([] when every stage had finished).
@@ -261,6 +262,8 @@ def resume_dag(run_dir: Path) -> list[str]:
         if not stage_finished(run_dir, job.name) or any(a in redo for a in job.after):
             redo.append(job.name)
     finished = {name for name in jobs if name not in redo}
+    for name in redo:  # an earlier success of a stage that runs again is stale: status must not call it finished
+        (Path(run_dir) / name / MANIFEST).unlink(missing_ok=True)
     stages = [RenderedStage(n, Path(jobs[n].script), tuple(jobs[n].after)) for n in redo]
     _submit(stages, record, run_dir, already_finished=finished)
     return redo
