@@ -68,6 +68,22 @@ def add_parser(sub) -> None:
     model.add_argument("--pp", type=int, help="pipeline-parallel size (default: parallel.<stage>.pp)")
     model.set_defaults(func=run_model, tp=None)
 
+    curves = verbs.add_parser("curves", help="N training steps with TRL and with megatron-core (TP) from the same "
+                                             "weights and data order; or NeMo TensorBoard logs vs a TRL train_log")
+    _common(curves)
+    curves.add_argument("--stage", choices=STAGES, required=True, help="sft or rm (training); sft, rm or ppo (logs)")
+    curves.add_argument("--steps", type=int, default=4, help="optimizer steps on both sides (default 4)")
+    _model_args(curves)
+    curves.add_argument("--aligner-data", type=Path, help="megatron side reads these NeMo-Aligner files, in order")
+    curves.add_argument("--tensorboard", type=Path, help="compare logs instead: a NeMo run's TensorBoard folder")
+    curves.add_argument("--trl-log", type=Path, help="with --tensorboard: the TRL stage's train_log.jsonl")
+    curves.add_argument("--samples-per-step", type=int, help="with --tensorboard: TRL samples per logged step "
+                                                               "(default: from the spec, micro_batch x grad_accum; "
+                                                               "PPO: rollout_batch_size)")
+    curves.add_argument("--max-divergence", type=float, default=None,
+                        help="with --tensorboard: largest mean |NeMo - TRL| / mean |TRL| per metric (default 0.1)")
+    curves.set_defaults(func=run_curves)
+
 
 def load(args):
     """The spec of a parity verb (UserError, exit 2, when it is missing or invalid)."""
@@ -89,9 +105,18 @@ def emit(result, args) -> int:
     from nemo_rlhf.lineage.record import write_json_atomic
     from nemo_rlhf.parity.report import format_text, record_in_run, write_report
 
+    from nemo_rlhf.errors import UserError
+
     log = sys.stderr if args.json else sys.stdout
+    if args.run_dir is not None and not args.run_dir.is_dir():
+        raise UserError(f"{args.run_dir} is not a run directory", where="--run-dir",
+                        fix="pass the folder `nemo-rlhf run` or `nemo-rlhf slurm render` wrote")
     if args.report:
+        from nemo_rlhf.parity.logs import plot_series
+
         written = write_report(result, args.report)
+        curves_png = plot_series(result, Path(args.report) / f"{result.name}-curves.png")
+        written += [curves_png] if curves_png else []
         written.append(write_json_atomic(Path(args.report) / f"{result.name}.json", result.to_dict()))
         print(f"report: {', '.join(str(p) for p in written)}", file=log)
     if args.run_dir:
@@ -148,6 +173,45 @@ def run_model(args) -> int:
     spec = load(args)
     _check_dirs(args, "hf")
     return emit(model_parity(spec, args.stage, args.hf, args.nemo, args.tp, args.pp), args)
+
+
+def _samples_per_step(args) -> int:
+    from nemo_rlhf.errors import UserError
+
+    if args.samples_per_step is not None:
+        if args.samples_per_step < 1:
+            raise UserError("--samples-per-step must be >= 1", where="--samples-per-step", fix="pass 1 or more")
+        return args.samples_per_step
+    if args.spec is None:
+        raise UserError("no spec and no --samples-per-step", fix="pass the spec or --samples-per-step N")
+    spec = load(args)
+    if args.stage == "ppo":
+        return spec.ppo.rollout_batch_size
+    section = getattr(spec, args.stage)
+    return section.micro_batch_size * section.grad_accum
+
+
+def run_curves(args) -> int:
+    from nemo_rlhf.errors import UserError
+    from nemo_rlhf.parity import logs
+
+    if args.tensorboard is not None:
+        if args.trl_log is None:
+            raise UserError("--tensorboard needs --trl-log", fix="pass the TRL stage's train_log.jsonl")
+        scalars, rows = logs.read_tensorboard(args.tensorboard), logs.read_trl_log(args.trl_log)
+        bound = logs.MAX_DIVERGENCE if args.max_divergence is None else args.max_divergence
+        return emit(logs.compare_logs(scalars, rows, args.stage, _samples_per_step(args), bound), args)
+    if args.stage == "ppo":
+        raise UserError("training curves cover sft and rm", where="--stage",
+                        fix="PPO: compare logs with --tensorboard DIR --trl-log FILE, or `parity loss --stage ppo`")
+    if args.steps < 1:
+        raise UserError("--steps must be >= 1", where="--steps", fix="pass 1 or more")
+    from nemo_rlhf.parity.curves import curve_parity
+
+    spec = load(args)
+    _check_dirs(args, "aligner_data", "hf")
+    return emit(curve_parity(spec, args.stage, args.steps, tp=args.tp, hf_dir=args.hf, nemo_path=args.nemo,
+                             aligner_dir=args.aligner_data), args)
 
 
 def run_config(args) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_rlhf.errors import UserError
 from nemo_rlhf.parity import data as data_parity
 from nemo_rlhf.parity.losses import bradley_terry, masked_token_mean, token_cross_entropy
 from nemo_rlhf.parity.report import Check, ParityResult
@@ -72,6 +73,12 @@ def fixed_batch(spec: PipelineSpec, tokenizer, stage: str, size: int, aligner_di
     rows, _ = build_trl_rows(spec, data_root(spec.data.root), tokenizer)
     records = read_records(aligner_dir)[name] if aligner_dir else to_records(name, rows[name])
     per_row = 2 if stage == "rm" else 1
+    available = min(len(rows[name]), len(records) // per_row) - offset
+    if available < size:
+        unit = "pairs" if stage == "rm" else "examples"
+        source = "data.preference.num_examples" if stage == "rm" else "data.sft.num_examples"
+        raise UserError(f"{size} {unit} needed, {name} has {max(available, 0)} (after dropping over-long ones)",
+                        where=name, fix=f"raise {source}, or lower the steps / {stage}.micro_batch_size")
     trl_rows = rows[name][offset:offset + size]
     return Batch(trl_rows, records[offset * per_row:(offset + size) * per_row])
 

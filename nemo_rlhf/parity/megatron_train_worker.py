@@ -93,7 +93,10 @@ def _rm_step(data_iterator, module):
     batch = next(data_iterator)
     tokens, lengths = batch["tokens"], batch["lengths"]
     positions, mask = _causal(*tokens.shape[::-1])
-    rewards = reward_outputs(module, tokens, positions, mask, lengths)  # [2b, 1]
+    # Megatron's DDP wrapper only forwards the call; the reward forward needs the model's post_process/rm_head.
+    # Its gradient hooks sit on the parameters, so calling the wrapped model still accumulates into DDP's buffers.
+    inner = module.module if hasattr(module, "module") and not hasattr(module, "rm_head") else module
+    rewards = reward_outputs(inner, tokens, positions, mask, lengths)  # [2b, 1]
 
     def loss_func(output):
         chosen, rejected = output.float().flatten().chunk(2)

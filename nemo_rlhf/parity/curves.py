@@ -1,0 +1,149 @@
+"""Curve parity: N optimizer steps of SFT or RM with TRL and with megatron-core, from the same weights, data
+order and hyperparameters; the per-step losses must agree.
+
+* TRL side: the real `SFTTrainer` / `RewardTrainer` (trl 1.12) on the stage's first N x micro_batch
+  rows, in order (`train_sampling_strategy="sequential"`), constant learning rate, no warmup,
+  torch AdamW (not the fused kernel: megatron-core's CPU optimizer is torch's AdamW too) and no
+  gradient clipping: megatron's clip_grad asserts CUDA tensors, so the megatron side runs with
+  clip_grad=0 (FACTS.md) and TRL with max_grad_norm=0 to match.
+* megatron side: `megatron_train_worker --mode train` at TP (default 2) on our conversion of the
+  same HF weights: megatron's DDP, `get_megatron_optimizer`, NeMo's loss reduction, the NeMo-Aligner
+  records of the same rows (or of the files in `aligner_dir`, in their order).
+
+Tolerances (`STEP0_BASIS`, `CURVE_BASIS`): before the first update both sides hold the same weights, so
+step 1's loss obeys the loss-parity bound. After it, fp32 rounding differences in the gradients are
+amplified by Adam (early updates are ~ lr x gradient / |gradient|, so gradients that differ in their
+last bits can move weights apart). Measured on the tiny recipe (init std 0.1, lr 1e-3, micro batch 2,
+6 steps, TP=2, megatron-core 0.16.1):
+  RM:  step 1 |diff| 1.2e-7, largest relative step-loss difference 3.0e-7;
+  SFT: step 1 |diff| 9.5e-7, largest relative step-loss difference 2.8e-4..3.5e-4 (steps 3-4; the cause
+       of the SFT drift beyond rounding is not isolated: the tied embedding / output layer is the
+       suspect, the RM has neither);
+  a different data order moves step losses by ~1e-2 relative (SFT) and 5e-2..2e-1 (RM).
+CURVE_RTOL = 1e-3 sits 3x above the SFT drift and 10x below what a wrong data order does.
+TRL's configs default to bf16=True (autocast on CPU too): the TRL side sets bf16=False, or step 1
+alone differs by 4e-3 (RM) / 2e-4 (SFT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from nemo_rlhf.parity.losses import bradley_terry
+from nemo_rlhf.parity.report import Check, ParityResult
+from nemo_rlhf.spec.schema import PipelineSpec
+
+CURVE_RTOL = 1e-3
+CURVE_MEASURED = "measured: SFT <= 3.5e-4, RM <= 3e-7 over 6 steps, a shuffled order >= 1e-2"
+STEP0_BASIS = "step 1 is computed before any update: the loss-parity bound (parity.loss.TOLERANCE_BASIS)"
+CURVE_BASIS = f"{CURVE_RTOL:g} x max(1, |TRL loss|) per step: fp32 gradient rounding amplified by Adam ({CURVE_MEASURED})"
+ADAM = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+
+
+def _trl_args(spec: PipelineSpec, stage: str, steps: int, out: Path) -> dict:
+    section = getattr(spec, stage)
+    return dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=section.micro_batch_size,
+                gradient_accumulation_steps=1, learning_rate=section.lr, lr_scheduler_type="constant", warmup_steps=0,
+                weight_decay=section.weight_decay, max_grad_norm=0.0, optim="adamw_torch", **ADAM, logging_steps=1,
+                train_sampling_strategy="sequential", report_to="none", save_strategy="no", seed=spec.seed,
+                data_seed=spec.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+                max_length=section.max_length, bf16=False, fp16=False)  # TRL's configs default to bf16=True
+
+
+def trl_curve(spec: PipelineSpec, stage: str, steps: int, model, tokenizer, rows: list[dict], out: Path) -> list[dict]:
+    """The TRL trainer's logged rows, one per step."""
+    from datasets import Dataset
+
+    from nemo_rlhf.stages.training import LogRecorder
+
+    recorder = LogRecorder(out / "train_log.jsonl")
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rows])
+        args = SFTConfig(**_trl_args(spec, stage, steps, out), completion_only_loss=True, packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[recorder])
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        data = Dataset.from_list([{"chosen_ids": r["chosen_ids"], "rejected_ids": r["rejected_ids"]} for r in rows])
+        args = RewardConfig(**_trl_args(spec, stage, steps, out), eval_strategy="no")
+        trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                callbacks=[recorder])
+    with contextlib.redirect_stdout(sys.stderr):  # transformers prints each log row; stdout is for --json
+        trainer.train()
+    return [r for r in recorder.rows if "loss" in r]
+
+
+def megatron_inputs(stage: str, tokenizer, records: list[dict], steps: int, micro_batch: int) -> dict:
+    """Worker inputs: one micro-batch per step, in the records' order."""
+    from nemo_rlhf.parity.loss import rm_nemo_inputs, sft_nemo_inputs
+
+    make, per = (sft_nemo_inputs, 1) if stage == "sft" else (rm_nemo_inputs, 2)
+    size = micro_batch * per
+    inputs = {}
+    for i in range(steps):
+        inputs.update(make(tokenizer, records[i * size:(i + 1) * size], f"mb{i}"))
+    return inputs
+
+
+def curve_checks(stage: str, trl_rows: list[dict], mcore: dict, step0_tol: float) -> tuple[list[Check], list[dict]]:
+    """Per-step comparison; the table of both curves."""
+    trl_loss = torch.tensor([float(r["loss"]) for r in trl_rows])
+    ours = mcore["step_loss"].float()
+    n = min(len(trl_loss), len(ours))
+    diff = (trl_loss[:n] - ours[:n]).abs()
+    rel = diff / trl_loss[:n].abs().clamp(min=1.0)
+    table = [{"step": i + 1, "TRL loss": float(trl_loss[i]), "megatron loss": float(ours[i]), "|diff|": float(diff[i])}
+             for i in range(n)]
+    checks = [Check.within(f"curves/{stage}/steps", abs(len(trl_loss) - len(ours)), 0,
+                           f"{len(trl_loss)} TRL steps logged, {len(ours)} megatron steps"),
+              Check.within(f"curves/{stage}/step1_loss", float(diff[0]), step0_tol, STEP0_BASIS),
+              Check.within(f"curves/{stage}/loss", float(rel.max()), CURVE_RTOL,
+                           f"max relative step-loss difference over {n} steps (worst at step {int(rel.argmax()) + 1})")]
+    if stage == "rm":
+        metrics = [bradley_terry(*r.chunk(2)) for r in mcore["step_rewards"][:n]]
+        acc = max(abs(float(t["accuracy"]) - float(m["accuracy"])) for t, m in zip(trl_rows, metrics))
+        checks.append(Check.within("curves/rm/accuracy", acc, 0.0, "per-step pair accuracy, TRL's log vs megatron"))
+        for row, m in zip(table, metrics):
+            row.update({"TRL accuracy": trl_rows[row["step"] - 1]["accuracy"], "megatron accuracy": float(m["accuracy"])})
+    return checks, table
+
+
+def curve_parity(spec: PipelineSpec, stage: str, steps: int, *, tp: int = 2, hf_dir: Path | None = None,
+                 nemo_path: Path | None = None, aligner_dir: Path | None = None,
+                 report_dir: Path | None = None) -> ParityResult:
+    """Train `steps` steps on both sides and compare the curves (see the module doc)."""
+    from nemo_rlhf.parity.loss import _tolerance, fixed_batch
+    from nemo_rlhf.parity.megatron_launch import run_train_worker
+    from nemo_rlhf.parity.models import load_hf, stage_models
+
+    section = getattr(spec, stage)
+    with tempfile.TemporaryDirectory(prefix="nemo-rlhf-parity-curves-") as tmp:
+        models = stage_models(spec, stage, Path(tmp), hf_dir, nemo_path)
+        batch = fixed_batch(spec, models.tokenizer, stage, steps * section.micro_batch_size, aligner_dir)
+        inputs = megatron_inputs(stage, models.tokenizer, batch.records, steps, section.micro_batch_size)
+        options = {"steps": steps, "micro-batches": 1, "lr": section.lr, "weight-decay": section.weight_decay,
+                   "adam-beta1": ADAM["adam_beta1"], "adam-beta2": ADAM["adam_beta2"], "adam-eps": ADAM["adam_epsilon"]}
+        run = run_train_worker(models.nemo_path, inputs, len(models.tokenizer), tp, stage, "train", options)
+        trl_rows = trl_curve(spec, stage, steps, load_hf(models, stage), models.tokenizer, batch.trl_rows, Path(tmp))
+    result = ParityResult("curves", meta={"stage": stage, "steps": steps, "tp": tp, "lr": section.lr,
+                                          "micro_batch": section.micro_batch_size, "tolerance": CURVE_BASIS,
+                                          "aligner_data": str(aligner_dir or "rendered from the TRL rows")})
+    if run.outputs is None:
+        result.add(Check("megatron/run", False, detail=f"megatron-core failed:\n{run.tail}"))
+        return result
+    step0_tol = _tolerance(torch.tensor(float(trl_rows[0]["loss"])) if trl_rows else torch.tensor(1.0))
+    checks, table = curve_checks(stage, trl_rows, run.outputs, step0_tol)
+    result.checks += checks
+    result.tables["curves"] = table
+    result.meta["x_label"] = "optimizer step"
+    result.meta["series"] = {"loss": {"nemo": [(r["step"], r["megatron loss"]) for r in table],
+                                      "trl": [(r["step"], r["TRL loss"]) for r in table]}}
+    return result
