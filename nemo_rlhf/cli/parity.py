@@ -1,11 +1,15 @@
 """`nemo-rlhf parity VERB`: prove that the small-scale TRL run and the large-scale NeMo run are one experiment.
 
     nemo-rlhf parity config SPEC [key=value ...] [--configs DIR]
-    nemo-rlhf parity data   SPEC [key=value ...]
-    nemo-rlhf parity loss   SPEC --stage sft|rm|ppo [key=value ...]
-    nemo-rlhf parity model  SPEC --hf DIR --nemo PATH [--stage sft|rm|ppo]
-    nemo-rlhf parity curves SPEC --stage sft|rm [--steps N] [--shuffle]
-    nemo-rlhf parity curves --tensorboard DIR --trl-log train_log.jsonl
+    nemo-rlhf parity data   SPEC [key=value ...] [--aligner-data DIR]
+    nemo-rlhf parity loss   SPEC --stage sft|rm|ppo [--hf DIR] [--nemo PATH] [--tp 2] [--aligner-data DIR]
+    nemo-rlhf parity model  SPEC [--stage sft|rm|ppo] [--hf DIR] [--nemo PATH] [--tp N --pp M]
+    nemo-rlhf parity curves SPEC --stage sft|rm [--steps N] [--tp 2] [--aligner-data DIR]
+    nemo-rlhf parity curves [SPEC] --stage sft|rm|ppo --tensorboard DIR --trl-log train_log.jsonl
+
+Without --hf the stage's model is RUN/<stage>/model (with --run-dir) or the spec's random base model built
+as the pipeline builds it; without --nemo it is converted here with our converter. megatron-core runs on
+CPU under gloo in TP torchrun processes (default TP=2).
 
 Every verb takes --json (one JSON object: `passed`, per-check `value` and `tolerance`), --report DIR
 (markdown table + PNG + JSON) and --run-dir RUN (the result goes into RUN's lineage:
@@ -129,10 +133,21 @@ def emit(result, args) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--hf", type=Path, help="the small-scale HF model of the stage (default: the spec's random base "
-                                           "model, built as the pipeline builds it)")
+    p.add_argument("--hf", type=Path, help="the small-scale HF model of the stage (default: RUN/<stage>/model with "
+                                           "--run-dir, else the spec's random base model, built as the pipeline "
+                                           "builds it)")
     p.add_argument("--nemo", type=Path, help="its .nemo (default: converted here with `nemo-rlhf convert`)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size megatron-core runs at (default 2)")
+
+
+def _run_model(args, stage: str) -> Path | None:
+    """--hf, else the model the run's stage wrote (RUN/<stage>/model), else None (built from the spec)."""
+    if args.hf is not None or args.run_dir is None:
+        return args.hf
+    from nemo_rlhf.stages.base_model import MODEL_DIR
+
+    folder = args.run_dir / stage / MODEL_DIR
+    return folder if folder.is_dir() else None
 
 
 def _check_dirs(args, *names: str) -> None:
@@ -154,8 +169,8 @@ def run_loss(args) -> int:
     _check_dirs(args, "aligner_data", "configs", "hf")
     if args.stage == "ppo":
         return emit(ppo_parity(spec, args.configs), args)
-    result = sft_rm_loss_parity(spec, args.stage, hf_dir=args.hf, nemo_path=args.nemo, aligner_dir=args.aligner_data,
-                                tp=args.tp, batch_size=args.batch_size)
+    result = sft_rm_loss_parity(spec, args.stage, hf_dir=_run_model(args, args.stage), nemo_path=args.nemo,
+                                aligner_dir=args.aligner_data, tp=args.tp, batch_size=args.batch_size)
     return emit(result, args)
 
 
@@ -172,7 +187,7 @@ def run_model(args) -> int:
 
     spec = load(args)
     _check_dirs(args, "hf")
-    return emit(model_parity(spec, args.stage, args.hf, args.nemo, args.tp, args.pp), args)
+    return emit(model_parity(spec, args.stage, _run_model(args, args.stage), args.nemo, args.tp, args.pp), args)
 
 
 def _samples_per_step(args) -> int:
@@ -210,8 +225,8 @@ def run_curves(args) -> int:
 
     spec = load(args)
     _check_dirs(args, "aligner_data", "hf")
-    return emit(curve_parity(spec, args.stage, args.steps, tp=args.tp, hf_dir=args.hf, nemo_path=args.nemo,
-                             aligner_dir=args.aligner_data), args)
+    return emit(curve_parity(spec, args.stage, args.steps, tp=args.tp, hf_dir=_run_model(args, args.stage),
+                             nemo_path=args.nemo, aligner_dir=args.aligner_data), args)
 
 
 def run_config(args) -> int:
