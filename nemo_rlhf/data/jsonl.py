@@ -9,10 +9,10 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from nemo_rlhf.atomic_file import atomic_open
 from nemo_rlhf.errors import UserError
 
 # gzip streams start with these two bytes; sniffing them (instead of trusting the suffix)
@@ -160,23 +160,13 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping]) -> int:
     Returns:
         The number of rows written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # mtime=0 keeps the gzip bytes a pure function of the rows (stable content hashes).
-            sink = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.suffix == ".gz" else raw
-            for row in rows:
-                sink.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
-                count += 1
-            if sink is not raw:
-                sink.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as raw:
+        # mtime=0 keeps the gzip bytes a pure function of the rows (stable content hashes).
+        sink = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if Path(path).suffix == ".gz" else raw
+        for row in rows:
+            sink.write(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n")
+            count += 1
+        if sink is not raw:
+            sink.close()
     return count

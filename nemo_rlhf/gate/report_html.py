@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from nemo_rlhf.gate.detectors.common import length  # noqa: E402
 from nemo_rlhf.gate.findings import GateResult  # noqa: E402
 from nemo_rlhf.gate.responses import ResponseSet  # noqa: E402
-from nemo_rlhf.gate.run import _write_text_atomic  # noqa: E402
+from nemo_rlhf.atomic_file import write_text_atomic  # noqa: E402
 
 TEMPLATE = "report.html.j2"
 REPORT = "report.html"
@@ -259,5 +259,5 @@ def write_html_report(out_dir: str | os.PathLike, result: GateResult, candidate:
     """Writes OUT_DIR/report.html atomically (temp file + rename); kwargs go to `render_html`."""
     path = Path(out_dir) / REPORT
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, render_html(result, candidate, baseline, **kwargs))
+    write_text_atomic(path, render_html(result, candidate, baseline, **kwargs))
     return path

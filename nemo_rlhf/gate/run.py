@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from nemo_rlhf.atomic_file import write_text_atomic
 from nemo_rlhf.data.jsonl import write_jsonl_atomic
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.gate.detectors import DETECTORS
@@ -250,7 +250,7 @@ def write_report(result: GateResult, out_dir: str | os.PathLike, baseline: Respo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     findings_path, cases_path = out / "findings.json", out / "badcases.jsonl"
-    _write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(findings_path, json.dumps(result.to_json(), indent=2, ensure_ascii=False) + "\n")
     final = Path(final_dir or out).resolve()
     origin = {**(source or {}), "report": str(final), "findings": str(final / findings_path.name)}
     write_jsonl_atomic(cases_path, bad_cases(result, baseline, origin, candidate))
@@ -285,17 +285,3 @@ def write_reports(result: GateResult, out_dir: str | os.PathLike, candidate: Res
 
 def _config_dict(cfg: GateConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for reviewers to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
+from nemo_rlhf.atomic_file import write_text_atomic
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.lineage.hashing import sha256_file, sha256_json
 from nemo_rlhf.lineage.manifest import MANIFEST, StageInputs, build_manifest, now_iso
@@ -54,19 +54,7 @@ def describe_path(path: Path, hash_limit: int = DEFAULT_HASH_LIMIT) -> dict:
 
 def write_json_atomic(path: Path, data: dict) -> Path:
     """Write JSON to `path` through a synced temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def parent_refs(run_dir: Path, parents: Sequence[str]) -> dict[str, dict]:
