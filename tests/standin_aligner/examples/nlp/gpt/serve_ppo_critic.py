@@ -13,7 +13,7 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from standin_common import check_forced_failure, check_layout, check_nemo, get, load_config, log, rank
+from standin_common import check_forced_failure, check_layout, check_nemo, die, get, load_config, log, rank
 
 NAME = "critic"
 
@@ -50,8 +50,8 @@ if __name__ == "__main__":
     check_forced_failure(NAME)
     check_layout(NAME, cfg)
     check_nemo(NAME, cfg, get(cfg, "pretrained_checkpoint.restore_from_path"))
-    if not get(cfg, "trainer.ppo.combine_rm_and_critic_server"):
-        log(NAME, "warning: combine_rm_and_critic_server is false")
+    if get(cfg, "trainer.ppo.combine_rm_and_critic_server") is not True:  # the rendered layout: one server
+        die(NAME, "trainer.ppo.combine_rm_and_critic_server is not true: nothing would serve the reward model")
     if rank() != 0:
         log(NAME, "not rank 0: waiting to be stopped")
         while True:

@@ -49,6 +49,8 @@ if __name__ == "__main__":
     check_layout(NAME, cfg)
     source = check_nemo(NAME, cfg, get(cfg, "pretrained_checkpoint.restore_from_path"))
     check_jsonl(NAME, get(cfg, "model.data.data_prefix.train")[0], ("text",))
+    if get(cfg, "remote_critic_rm.combine_rm_and_critic_server") is not True:
+        die(NAME, "remote_critic_rm.combine_rm_and_critic_server is not true, but the critic job serves the RM too")
     host, port = get(cfg, "remote_critic_rm.critic.ip"), get(cfg, "remote_critic_rm.critic.port")
     address = resolve_host(NAME, host)
     log(NAME, f"critic host {host} (SLURM_JOB_NODELIST_HET_GROUP_0={os.environ.get('SLURM_JOB_NODELIST_HET_GROUP_0')})"
