@@ -129,6 +129,27 @@ def test_nemo_tar_layout(nemo_file):
     assert "model.decoder.final_layernorm._extra_state/shard_0_1" in objects
 
 
+def test_streamed_tar_member_over_8_gib_keeps_its_size(tmp_path):
+    """The data file is written into the tar in place and its header completed afterwards; past
+    ustar's 8 GiB field the size lives in the pax record (a sparse file: nothing like 9 GiB is written)."""
+    path, size = tmp_path / "big.nemo", (9 << 30) + 8
+    with nemo_archive._TarBuilder(path) as tar:
+        with tar.stream("model_weights/__0_0.distcp") as f:
+            f.write(b"head")
+            f.seek(size - 8, io.SEEK_CUR)
+            f.write(b"tail")
+        (tmp_path / "staging" / "model_weights").mkdir(parents=True)
+        tar.add_tree(tmp_path / "staging")
+    with tarfile.open(path, "r:") as t:
+        members = {m.name: m for m in t}
+        big = members["./model_weights/__0_0.distcp"]
+        assert big.isreg() and big.size == size and set(members) == {".", "./model_weights", big.name}
+        data = t.extractfile(big)
+        assert data.read(4) == b"head"
+        data.seek(size - 4)
+        assert data.read() == b"tail"
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_round_trip_is_bit_exact(tied, hf_dir, tmp_path):
     source = hf_dir if tied else _random_llama(tmp_path / "untied", tied=False, seed=3)
@@ -164,6 +185,16 @@ def test_unsupported_architecture_and_settings_are_user_errors(hf_dir, tmp_path)
     assert not any(tmp_path.glob("*.nemo"))
 
 
+def test_layer_shapes_that_disagree_are_an_error(hf_dir, tmp_path):
+    copy = _copy(hf_dir, tmp_path / "ragged")
+    weights = load_file(copy / "model.safetensors")
+    weights["model.layers.2.mlp.up_proj.weight"] = torch.zeros(96, 64)
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"layers.2.mlp.up_proj.weight has shape \(96, 64\), layer 0's has \(128, 64\)"):
+        hf_to_nemo(copy, tmp_path / "out.nemo")
+    assert not any(tmp_path.glob("*.nemo*")) and not any(tmp_path.glob(".out.nemo*"))
+
+
 def test_unmapped_tensor_is_an_error(hf_dir, tmp_path):
     copy = _copy(hf_dir, tmp_path / "extra")
     weights = load_file(copy / "model.safetensors")
@@ -186,14 +217,16 @@ def test_truncated_nemo_is_a_user_error(nemo_file, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink", "hardlink", "chardev", "fifo"])
 def test_unsafe_members_are_refused(attack, tmp_path):
     evil = tmp_path / "evil.nemo"
+    special = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE,
+               "fifo": tarfile.FIFOTYPE}
     with tarfile.open(evil, "w:") as tar:
-        info = tarfile.TarInfo({"dotdot": "./../escaped.txt", "absolute": "/tmp/escaped.txt",
-                                "symlink": "./model_config.yaml"}[attack])
-        if attack == "symlink":
-            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        info = tarfile.TarInfo({"dotdot": "./../escaped.txt", "absolute": "/tmp/escaped.txt"}.get(
+            attack, "./model_config.yaml"))
+        if attack in special:
+            info.type, info.linkname = special[attack], "/etc/passwd"
             tar.addfile(info)
         else:
             info.size = 3
@@ -239,6 +272,26 @@ def test_certificate_catches_a_wrong_mapping(wrong, hf_dir, tmp_path, monkeypatc
     cert = verify_conversion(hf_dir, bad, tp=1, pp=1)
     print(f"{wrong}: max |diff| {cert.max_abs_logit_diff}, agreement {cert.top1_agreement}")
     assert not cert.passed and cert.max_abs_logit_diff > 0.1
+
+
+def test_small_chunks_load_in_megatron_and_round_trip(hf_dir, tmp_path, monkeypatch):
+    """Every piece written in row blocks of at most 16 KiB (the embedding in ~800 chunks, padding
+    rows in their own): megatron-core reads them into a TP=2 model (each rank's shard cuts across
+    chunks), and export is bit-exact."""
+    monkeypatch.setattr(dist_ckpt, "MAX_CHUNK_BYTES", 16 << 10)
+    nemo = hf_to_nemo(hf_dir, tmp_path / "chunked")
+    monkeypatch.undo()
+    from torch.distributed.checkpoint import FileSystemReader
+
+    chunks = FileSystemReader(str(nemo / "model_weights")).read_metadata().state_dict_metadata
+    assert len(chunks["model.embedding.word_embeddings.weight"].chunks) > 700
+    assert len(chunks["model.decoder.layers.self_attention.linear_qkv.weight"].chunks) == 4 * 2 * 3  # q_g, k_g, v_g
+    assert len(chunks["model.decoder.layers.mlp.linear_fc1.weight"].chunks) == 4 * 2 * 2  # gate, up: 2 blocks each
+    cert = verify_conversion(hf_dir, nemo, tp=2, pp=1)
+    assert cert.error is None and cert.passed and cert.max_abs_logit_diff <= 1e-4, cert.error
+    back = nemo_to_hf(nemo, tmp_path / "back")
+    before, after = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_certificate_uses_megatrons_strict_loader(hf_dir, tmp_path, monkeypatch):

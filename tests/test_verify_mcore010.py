@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nemo_rlhf.convert import dist_ckpt
 from nemo_rlhf.convert.convert import hf_to_nemo
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.verify.certificate import MEGATRON_PATH_ENV, verify_conversion
@@ -27,13 +28,18 @@ pytestmark = pytest.mark.skipif(not (MCORE_010 / "megatron" / "core").is_dir(),
 
 
 @pytest.mark.parametrize("family,tp,pp,dtype", [("llama", 2, 1, None), ("gpt_neox", 1, 2, torch.bfloat16)])
-def test_certificate_passes_with_megatron_core_0_10(family, tp, pp, dtype, tmp_path):
-    """Llama (GQA, RMSNorm, SwiGLU) at TP=2; GPT-NeoX (parallel residual, LayerNorm, 25% rotary) at PP=2,
-    stored in bfloat16 as cluster checkpoints are: megatron upcasts it on load, the HF reference
-    runs on its weights rounded to bfloat16, and the default (float32-noise) bound holds."""
+def test_certificate_passes_with_megatron_core_0_10(family, tp, pp, dtype, tmp_path, monkeypatch):
+    """Llama (GQA, RMSNorm, SwiGLU) at TP=2, written in small chunks (every q/k/v group and gate/up
+    half its own chunk, and those in row blocks of at most 16 KiB); GPT-NeoX (parallel residual,
+    LayerNorm, 25% rotary) at PP=2 in the default chunks, stored in bfloat16 as cluster checkpoints
+    are: megatron upcasts it on load, the HF reference runs on its weights rounded to bfloat16,
+    and the default (float32-noise) bound holds."""
     make = {"llama": _random_llama, "gpt_neox": _random_neox}[family]
     hf_dir = make(tmp_path / "hf")
+    if family == "llama":
+        monkeypatch.setattr(dist_ckpt, "MAX_CHUNK_BYTES", 16 << 10)
     nemo = hf_to_nemo(hf_dir, tmp_path / "model.nemo", dtype=dtype)
+    monkeypatch.undo()
     cert = verify_conversion(hf_dir, nemo, tp=tp, pp=pp, megatron_dir=MCORE_010)
     print(f"{family} TP={tp} PP={pp} {cert.stored_dtype} megatron-core {cert.megatron_core}: "
           f"max |diff| {cert.max_abs_logit_diff} (tolerance {cert.tolerance}), storage {cert.storage_max_abs_diff}")

@@ -12,6 +12,7 @@ does not know, or a source tensor left unused is an error, never a silent skip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -20,12 +21,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nemo_rlhf.convert import dist_ckpt, legacy_ckpt, model_config, nemo_archive, reward_head
+from nemo_rlhf.convert import dist_ckpt, legacy_ckpt, model_config, nemo_archive, reward_head, safetensors_mmap
 from nemo_rlhf.convert.families import FamilySpec, WeightEntry, family_for_nemo, get_family
-from nemo_rlhf.convert.param_mapping import Geometry
+from nemo_rlhf.convert.param_mapping import Geometry, Kind
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.models.materialize import atomic_dir, check_hf_dir, make_portable
 
@@ -34,24 +34,22 @@ PREFIX = "model."
 ASSET_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                "chat_template.jinja")
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class _HfWeights:
-    """Name -> tensor view over an HF directory's safetensors files (memory-mapped), tracking use.
+    """Name -> tensor over an HF directory's safetensors files, read zero-copy, tracking use.
 
-    Shapes and dtypes come from the headers. Each tensor is read through a handle opened for
-    that read only: a handle keeps every page it touched mapped (and counted in the process's
-    RSS) until it is closed, so one long-lived handle would end up mapping the whole checkpoint.
+    Shapes and dtypes come from the headers. Every read maps just that tensor's bytes
+    (`safetensors_mmap`); `release()` drops the pages read so far, which the checkpoint writer
+    calls once it has written them, so RSS holds about one chunk of the source, never the model.
     """
 
     def __init__(self, hf_dir: Path):
         index = hf_dir / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
             else ["model.safetensors"]
-        self._handles = {str(hf_dir / f): safe_open(str(hf_dir / f), "pt") for f in files}
-        self._where = {k: h for h in self._handles.values() for k in h.keys()}
-        self._file = {k: path for path, h in self._handles.items() for k in h.keys()}
+        self._files = [safetensors_mmap.SafetensorsFile(hf_dir / f) for f in files]
+        self._where = {k: f for f in self._files for k in f.keys()}
         self.used: set[str] = set()
 
     def keys(self) -> list[str]:
@@ -61,18 +59,23 @@ class _HfWeights:
         return key in self._where
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
+        return self._where[key].shape(key)
 
     def dtype(self, key: str) -> torch.dtype:
-        name = self._where[key].get_slice(key).get_dtype()
-        if name not in _DTYPES:
-            raise UserError(f"tensor {key} has dtype {name}", fix="convert floating-point checkpoints only")
-        return _DTYPES[name]
+        return self._where[key].dtype(key)
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `key` (or rows [start, stop) of it) as a view of the file's pages."""
         self.used.add(key)
-        with safe_open(self._file[key], "pt") as handle:
-            return handle.get_tensor(key)
+        return self._where[key].read(key, rows)
+
+    def release(self) -> None:
+        for f in self._files:
+            f.release()
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
 
 
 @dataclass
@@ -126,17 +129,69 @@ def _plan_tensors(family: FamilySpec, rows: tuple[WeightEntry, ...], weights: _H
         if absent:
             missing += absent
             continue
-        shape = entry.kind.megatron_shape([weights.shape(n) for n in per_layer[0]], geo)
+        shapes = [weights.shape(n) for n in per_layer[0]]
+        _check_same_shapes(per_layer, shapes, weights, where)
+        shape = entry.kind.megatron_shape(shapes, geo)
         full = (num_layers, *shape) if entry.stacked else shape
-
-        def produce(layer=0, entry=entry, per_layer=per_layer):
-            return entry.kind.to_megatron([weights.get(n) for n in per_layer[layer]], geo)
-
-        plan[PREFIX + entry.megatron] = dist_ckpt.LazyTensor(full, dtype, produce, stacked=entry.stacked)
+        chunks = [c for layer, names in enumerate(per_layer)
+                  for c in _layer_chunks(entry, names, weights, geo, shape, layer if entry.stacked else None)]
+        plan[PREFIX + entry.megatron] = dist_ckpt.LazyTensor(full, dtype, chunks=tuple(chunks))
     if missing:
         raise UserError(f"{len(missing)} tensors the {family.name} table needs are missing: {missing[:8]}",
                         where=where, fix="the checkpoint is incomplete or config.json disagrees with it")
     return plan
+
+
+def _check_same_shapes(per_layer: list[list[str]], shapes: list[tuple[int, ...]], weights: _HfWeights,
+                       where: str) -> None:
+    """Every layer's tensors must have layer 0's shapes (the stacked Megatron tensor has one layer shape)."""
+    for names in per_layer[1:]:
+        for name, want in zip(names, shapes):
+            if weights.shape(name) != want:
+                raise UserError(f"{name} has shape {weights.shape(name)}, layer 0's has {want}", where=where,
+                                fix="the checkpoint is corrupt or config.json disagrees with it")
+
+
+def _layer_chunks(entry: WeightEntry, names: list[str], weights: _HfWeights, geo: Geometry,
+                  shape: tuple[int, ...], layer: int | None) -> list[dist_ckpt.Chunk]:
+    """The stored chunks of one layer (or of an unstacked tensor), produced straight from the source.
+
+    A kind that only moves rows (`Kind.pieces`, assembled by the base `to_megatron`) is written
+    piece by piece, each piece in blocks of at most MAX_CHUNK_BYTES: every chunk is then a view
+    of the source file's pages (no copy, no allocation) or zeros (vocabulary padding). A kind
+    that computes values (its own `to_megatron`) is written one whole layer at a time.
+    """
+    lead = (layer,) if layer is not None else ()
+    if type(entry.kind).to_megatron is not Kind.to_megatron or not shape:
+        make = functools.partial(_whole_layer, entry, names, weights, geo, layer is not None)
+        return [dist_ckpt.Chunk((*lead, *[0] * len(shape)), (*[1] * len(lead), *shape), make)]
+    rest = tuple(shape[1:])
+    row_bytes = max(1, torch.Size(rest).numel() * weights.dtype(names[0]).itemsize)
+    step = max(1, dist_ckpt.MAX_CHUNK_BYTES // row_bytes)
+    chunks = []
+    for piece in entry.kind.pieces([weights.shape(n) for n in names], geo):
+        source = names[piece.source] if piece.source is not None else None
+        for start in range(piece.start, piece.stop, step):
+            stop = min(start + step, piece.stop)
+            first = piece.src_start + start - piece.start
+            make = functools.partial(_source_rows, weights, source, first, stop - start, rest,
+                                     weights.dtype(names[0]), bool(lead))
+            chunks.append(dist_ckpt.Chunk((*lead, start, *[0] * len(rest)), (*[1] * len(lead), stop - start, *rest),
+                                          make))
+    return chunks
+
+
+def _whole_layer(entry: WeightEntry, names: list[str], weights: _HfWeights, geo: Geometry,
+                 stacked: bool) -> torch.Tensor:
+    tensor = entry.kind.to_megatron([weights.get(n) for n in names], geo)
+    return tensor.unsqueeze(0) if stacked else tensor
+
+
+def _source_rows(weights: _HfWeights, name: str | None, start: int, count: int, rest: tuple[int, ...],
+                 dtype: torch.dtype, stacked: bool) -> torch.Tensor:
+    """Rows [start, start + count) of source tensor `name` as a view of its pages; zeros when name is None."""
+    rows = torch.zeros((count, *rest), dtype=dtype) if name is None else weights.get(name, (start, start + count))
+    return rows.unsqueeze(0) if stacked else rows
 
 
 def _extra_state_keys(family: FamilySpec, num_layers: int) -> list[str]:
@@ -189,28 +244,37 @@ def hf_to_nemo(hf_dir: Path, out_path: Path, layer_spec: str = "te", dtype: torc
     family.check_hf_config(hf_cfg, where)
     rows = reward_head.weight_rows(family.weights, kind)
     weights = _HfWeights(hf_dir)
-    geo = model_config.geometry_from_hf(family, hf_cfg)
-    num_layers = int(hf_cfg["num_hidden_layers"])
-    matched = _match_keys(family, rows, weights.keys(), num_layers, str(hf_dir))
-    dtype = dtype or weights.dtype(family.weights[0].hf[0])
-    # A reward model has no lm_head, tied or not; Aligner still requests an output layer.
-    tied = kind == reward_head.REWARD or bool(hf_cfg.get("tie_word_embeddings", False))
-    plan = _plan_tensors(family, rows, weights, geo, num_layers, tied, dtype, str(hf_dir))
-    cfg = model_config.build_model_config(family, hf_cfg, layer_spec=layer_spec, dtype=dtype,
-                                          tokenizer_type=tokenizer_type or str(hf_dir))
-    if kind == reward_head.REWARD:
-        _add_reward_head(plan, hf_cfg, where)
-        cfg.update(reward_head.NEMO_CONFIG, target=reward_head.NEMO_TARGET)
-    with nemo_archive.atomic_output(out_path, overwrite) as staging:
-        (staging / nemo_archive.CONFIG_NAME).write_text(model_config.dump_model_config(cfg), encoding="utf-8")
-        dist_ckpt.write_dist_checkpoint(staging / nemo_archive.WEIGHTS_DIR, plan,
-                                        _extra_state_keys(family, num_layers))
-        _copy_assets(hf_dir, staging / nemo_archive.HF_ASSETS)
-        dropped = {k for k, m in matched.items() if m.entry.megatron is None}
-        unused = set(weights.keys()) - weights.used - dropped
-        if unused:  # the table maps them, yet no tensor was built from them: a table bug
-            raise RuntimeError(f"source tensors left unused: {sorted(unused)[:8]}")
+    try:
+        geo = model_config.geometry_from_hf(family, hf_cfg)
+        num_layers = int(hf_cfg["num_hidden_layers"])
+        matched = _match_keys(family, rows, weights.keys(), num_layers, str(hf_dir))
+        dtype = dtype or weights.dtype(family.weights[0].hf[0])
+        # A reward model has no lm_head, tied or not; Aligner still requests an output layer.
+        tied = kind == reward_head.REWARD or bool(hf_cfg.get("tie_word_embeddings", False))
+        plan = _plan_tensors(family, rows, weights, geo, num_layers, tied, dtype, str(hf_dir))
+        cfg = model_config.build_model_config(family, hf_cfg, layer_spec=layer_spec, dtype=dtype,
+                                              tokenizer_type=tokenizer_type or str(hf_dir))
+        if kind == reward_head.REWARD:
+            _add_reward_head(plan, hf_cfg, where)
+            cfg.update(reward_head.NEMO_CONFIG, target=reward_head.NEMO_TARGET)
+        with nemo_archive.atomic_output(out_path, overwrite) as out:
+            (out.staging / nemo_archive.CONFIG_NAME).write_text(model_config.dump_model_config(cfg),
+                                                                encoding="utf-8")
+            dist_ckpt.write_dist_checkpoint(
+                out.staging / nemo_archive.WEIGHTS_DIR, plan, _extra_state_keys(family, num_layers),
+                release=weights.release, open_data=lambda name: out.open_member(f"{nemo_archive.WEIGHTS_DIR}/{name}"))
+            _copy_assets(hf_dir, out.staging / nemo_archive.HF_ASSETS)
+            _check_all_used(weights, matched)
+    finally:
+        weights.close()
     return Path(out_path).absolute()
+
+
+def _check_all_used(weights: _HfWeights, matched: dict[str, _Match]) -> None:
+    dropped = {k for k, m in matched.items() if m.entry.megatron is None}
+    unused = set(weights.keys()) - weights.used - dropped
+    if unused:  # the table maps them, yet no tensor was built from them: a table bug
+        raise RuntimeError(f"source tensors left unused: {sorted(unused)[:8]}")
 
 
 def _copy_assets(hf_dir: Path, dest: Path) -> None:

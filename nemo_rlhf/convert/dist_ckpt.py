@@ -12,10 +12,13 @@ On disk (what megatron-core's `dist_checkpointing.save` writes, and what its `lo
   whose content is `torch.save([None])`, exactly what megatron writes for a ShardedObject whose
   data is None.
 
-Writing goes through plain `torch.distributed.checkpoint.save` with no process group. Tensors
-are produced lazily: the planner sees shape-only (meta) tensors, and each chunk (one layer of a
-stacked weight, or a whole unstacked tensor) is built only when the writer asks for it, so
-about one layer is in memory at a time (bench/bench_convert.py measures it).
+Writing goes through plain `torch.distributed.checkpoint.save` with no process group (its
+FileSystemWriter, one file, no fsync, torch.save records without CRC32: see `_no_crc32`).
+Tensors are produced lazily: the planner sees shape-only (meta) tensors, and each chunk (a
+block of rows of one layer, or of an unstacked tensor) is produced only when the writer asks
+for it, so about one chunk is in memory at a time (bench/bench_convert.py measures it). The
+data file can be streamed into any binary stream (`open_data`): a .nemo tar receives it in
+place, with no second copy.
 
 Reading never unpickles arbitrary objects: `.metadata` goes through an allow-list unpickler,
 tensors through torch.load(weights_only=True) (DCP's own tensor path), and byte items
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import pickle
 import warnings
@@ -36,6 +40,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -46,6 +51,7 @@ from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
 
 from nemo_rlhf.errors import UserError
 
+DATA_SUFFIX = ".distcp"  # torch.distributed.checkpoint's data files: __{rank}_{i}.distcp
 METADATA_JSON = {
     "sharded_backend": "torch_dist",
     "sharded_backend_version": 1,
@@ -64,22 +70,42 @@ _SAFE_GLOBALS = {
 }
 
 
+# Largest chunk a producer should hand the writer (`hf_to_nemo` splits bigger blocks of rows):
+# a vocabulary-sized embedding is then never in memory, nor mapped, whole. Any chunking is
+# valid: megatron's loader reads whatever stored chunks overlap each rank's shard.
+MAX_CHUNK_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a tensor: `make()` returns the block at `offsets` of shape `sizes`."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class LazyTensor:
     """A tensor to write, known by shape and dtype, produced only when the writer needs it.
 
     Attributes:
         shape: Global shape (stacked weights: [num_layers, ...]).
-        dtype: Stored dtype.
-        produce: `produce()` returns the whole tensor; for a stacked tensor `produce(layer)`
-            returns one layer (shape[1:]).
-        stacked: The first axis is the layer axis; each layer is written as its own chunk.
+        dtype: Stored dtype (a produced tensor of another dtype is cast on the way).
+        produce: `produce()` returns the whole tensor (used when `chunks` is empty).
+        chunks: The pieces the tensor is stored in, which together tile it exactly once;
+            each is produced only when the writer gets to it.
+
+    The writer is serial: a produced tensor has been written before the next one is asked for.
     """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[..., torch.Tensor]
-    stacked: bool = False
+    produce: Callable[[], torch.Tensor] | None = None
+    chunks: tuple[Chunk, ...] = ()
+
+    def write_chunks(self) -> tuple[Chunk, ...]:
+        return self.chunks or (Chunk((0,) * len(self.shape), tuple(self.shape), self.produce),)
 
 
 @contextlib.contextmanager
@@ -90,92 +116,148 @@ def _single_process():
         yield
 
 
+@contextlib.contextmanager
+def _no_crc32():
+    """torch.save without the CRC32 of each zip record (a third of the write time, measured).
+
+    torch's zip reader is built without CRC checks (MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS, in
+    every torch release since 1.6), so torch.load, DCP's reader and megatron's loader read these
+    records unchanged; only a generic unzip tool would complain. The setting is global: it is
+    restored on exit.
+    """
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
 def extra_state_key(key: str, offset: int, num: int) -> str:
     """The DCP key megatron gives a ShardedObject of global shape (num,) at offset (offset,)."""
     return f"{key}/shard_{offset}_{num}"
 
 
 class _LazySavePlanner(DefaultSavePlanner):
-    """Plans on shape-only tensors, one chunk per layer of a stacked tensor, and asks the producers at write time.
+    """Plans on shape-only tensors, one write item per chunk, and asks the producers at write time.
 
-    One chunk per layer is the layout megatron itself writes when each pipeline stage holds one
-    layer (every rank saves its own slice of the stacked tensor), so any loader reads it; it
-    lets the converter hold one layer in memory instead of the whole stack.
+    Several chunks per tensor (one per layer, or finer) is what megatron itself writes when each
+    rank saves its own slice, so any loader reads it; it lets the converter hold one chunk in
+    memory instead of the whole tensor.
     """
 
-    def __init__(self, lazy: dict[str, LazyTensor]):
+    def __init__(self, lazy: dict[str, LazyTensor], release: Callable[[], None] | None):
         super().__init__()
         self._lazy = lazy
-        self._previous: torch.Tensor | None = None
+        self._chunks = {(fqn, tuple(c.offsets)): c for fqn, spec in lazy.items() for c in spec.write_chunks()}
+        self._release = release or (lambda: None)
+        self._cast_buffers: dict[tuple, torch.Tensor] = {}
 
     def create_local_plan(self):
         plan = super().create_local_plan()
         items = []
         for item in plan.items:
             spec = self._lazy.get(item.index.fqn)
-            items += _layer_items(item, spec.shape[0]) if spec is not None and spec.stacked else [item]
+            items += _chunk_items(item, spec.write_chunks()) if spec is not None else [item]
         self.plan = dataclasses.replace(plan, items=items)
         return self.plan
 
-    def release_previous(self) -> None:
-        """Frees the storage of the tensor handed out last, which the writer has finished with.
-
-        torch's serial writer asks for item N+1 from inside `for tensor, item in loader` while
-        its loop variable still holds item N; without this two neighbouring items would be in
-        memory together.
-        """
-        if self._previous is not None and self._previous.untyped_storage().resizable():
-            self._previous.untyped_storage().resize_(0)  # storages of safetensors' buffers are not resizable
-        self._previous = None
-
     def resolve_data(self, write_item):
-        self.release_previous()
+        self._release()  # the writer is done with the previous item
         fqn = write_item.index.fqn
         if fqn not in self._lazy:
             return super().resolve_data(write_item)
-        spec = self._lazy[fqn]
-        if spec.stacked:
-            tensor = spec.produce(write_item.index.offset[0]).to(spec.dtype).unsqueeze(0)
-        else:
-            tensor = spec.produce().to(spec.dtype)
-        tensor = tensor.contiguous()
-        if tuple(tensor.shape) != tuple(write_item.tensor_data.chunk.sizes):
-            raise RuntimeError(f"{fqn}: produced shape {tuple(tensor.shape)}, "
-                               f"planned {tuple(write_item.tensor_data.chunk.sizes)}")
-        self._previous = tensor
-        return tensor
+        spec, chunk = self._lazy[fqn], write_item.tensor_data.chunk
+        tensor = self._chunks[(fqn, tuple(chunk.offsets))].make()
+        if tuple(tensor.shape) != tuple(chunk.sizes):
+            raise RuntimeError(f"{fqn}: produced shape {tuple(tensor.shape)}, planned {tuple(chunk.sizes)}")
+        if tensor.dtype != spec.dtype:  # into a buffer reused for every chunk of this shape
+            key = (tuple(tensor.shape), spec.dtype)
+            if key not in self._cast_buffers:
+                self._cast_buffers[key] = torch.empty(key[0], dtype=spec.dtype)
+            tensor = self._cast_buffers[key].copy_(tensor)
+        return tensor.contiguous()
 
 
-def _layer_items(item: WriteItem, num_layers: int) -> list[WriteItem]:
-    """Splits the write item of a whole stacked tensor into one shard item per layer."""
-    size = item.tensor_data.size
-    items = []
-    for layer in range(num_layers):
-        offsets = torch.Size([layer] + [0] * (len(size) - 1))
-        chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([1, *size[1:]]))
-        items.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
-                               tensor_data=dataclasses.replace(item.tensor_data, chunk=chunk)))
-    return items
+def _chunk_items(item: WriteItem, chunks: tuple[Chunk, ...]) -> list[WriteItem]:
+    """The write item of a whole tensor, or one shard item per chunk."""
+    if len(chunks) == 1 and tuple(chunks[0].sizes) == tuple(item.tensor_data.size):
+        return [item]
+    return [WriteItem(index=MetadataIndex(item.index.fqn, torch.Size(c.offsets)), type=WriteItemType.SHARD,
+                      tensor_data=dataclasses.replace(item.tensor_data, chunk=ChunkStorageMetadata(
+                          offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes))))
+            for c in chunks]
 
 
-def write_dist_checkpoint(out_dir: Path, tensors: dict[str, LazyTensor], objects: list[str]) -> None:
+class _MemberStream(io.RawIOBase):
+    """Writes to `raw` from its current position; tell() counts from there (DCP records offsets in its file)."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self._raw, self._base = raw, raw.tell()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self._raw.write(data)
+
+    def tell(self) -> int:
+        return self._raw.tell() - self._base
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+
+class _RedirectedFileSystem(FileSystem):
+    """DCP's file system, except that data files (`*.distcp`) go to the streams `open_data` gives."""
+
+    def __init__(self, open_data: Callable[[str], contextlib.AbstractContextManager]):
+        super().__init__()
+        self._open_data = open_data
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        if mode != "wb" or not str(path).endswith(DATA_SUFFIX):
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with self._open_data(Path(path).name) as raw:
+            yield _MemberStream(raw)
+
+
+def write_dist_checkpoint(out_dir: Path, tensors: dict[str, LazyTensor], objects: list[str],
+                          release: Callable[[], None] | None = None,
+                          open_data: Callable[[str], contextlib.AbstractContextManager] | None = None) -> None:
     """Writes a torch_dist Megatron checkpoint.
 
     Args:
         out_dir: The `model_weights` directory to create (must not exist yet).
         tensors: Checkpoint key (with the `model.` prefix) -> lazily produced global tensor.
         objects: DCP keys of None-valued sharded objects (see `extra_state_key`).
+        release: Called whenever the writer has finished with the last produced tensor (a
+            producer frees or unmaps what it read for it).
+        open_data: `open_data(name)` -> context manager yielding the binary stream the data
+            file `name` (e.g. `__0_0.distcp`) is written to, from its current position;
+            default: the file in `out_dir`. Lets a .nemo tar receive the data directly.
     """
+    for key, spec in tensors.items():
+        covered = sum(torch.Size(c.sizes).numel() for c in spec.write_chunks())
+        if covered != torch.Size(spec.shape).numel():  # a producer bug: the chunks must tile the tensor
+            raise RuntimeError(f"{key}: chunks hold {covered} elements, the tensor {torch.Size(spec.shape).numel()}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
     state: dict[str, object] = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}
     for key in objects:
         state[key] = [None]  # DCP torch.saves it: the same bytes megatron writes for data=None
     writer = dcp.FileSystemWriter(str(out_dir), single_file_per_rank=True, thread_count=1, sync_files=False)
-    planner = _LazySavePlanner(tensors)
-    with _single_process():
+    if open_data is not None:
+        writer.fs = _RedirectedFileSystem(open_data)
+    planner = _LazySavePlanner(tensors, release)
+    with _single_process(), _no_crc32():
         dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
-    planner.release_previous()
+    if release is not None:
+        release()
     (out_dir / "metadata.json").write_text(json.dumps(METADATA_JSON), encoding="utf-8")
     torch.save({}, out_dir / "common.pt")
 

@@ -10,7 +10,10 @@ the same files wherever a .nemo is accepted):
 `hf_assets/` carries the source's tokenizer and HF configs, which NeMo ignores: export uses
 them to give back the same tokenizer and the config keys NeMo has no field for (token ids).
 Only regular files and directories are written, with `./`-prefixed names as NeMo's tar.add
-produces, into a temporary file renamed into place when complete.
+produces, into a temporary file renamed into place when complete. The large data file
+(`__0_0.distcp`) is written once, straight into its place in the tar (its header completed
+afterwards), not staged and copied: the tar costs no more than the directory form. It comes
+first in the archive; members have no required order.
 
 Reading extracts into a temporary directory and refuses, before writing anything, absolute
 names, `..`, links, devices and FIFOs, and more bytes than the archive can hold; a truncated
@@ -25,13 +28,16 @@ takes precedence over `model_weights/`. `legacy_ckpt` reads them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.models.materialize import atomic_dir
@@ -53,16 +59,39 @@ def is_tar_target(out_path: Path) -> bool:
     return Path(out_path).suffix == ".nemo"
 
 
+@dataclass(frozen=True)
+class StagedOutput:
+    """Where a conversion writes its files.
+
+    Attributes:
+        staging: Directory for the small files (config, checkpoint metadata, tokenizer).
+        open_member: `open_member("model_weights/__0_0.distcp")` -> context manager yielding a
+            binary stream for a large file: the file in `staging` for the directory form, the
+            tar member itself (written in place, no second copy) for the tar form.
+    """
+
+    staging: Path
+    open_member: Callable[[str], contextlib.AbstractContextManager[BinaryIO]]
+
+
 @contextlib.contextmanager
-def atomic_output(out_path: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a staging directory that becomes `out_path` (a .nemo tar or a directory) on success.
+def _staged_file(staging: Path, rel: str) -> Iterator[BinaryIO]:
+    path = staging / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_output(out_path: Path, overwrite: bool = False) -> Iterator[StagedOutput]:
+    """Yields a StagedOutput that becomes `out_path` (a .nemo tar or a directory) on success.
 
     On any error nothing is left at `out_path` and the staging files are removed.
     """
     out_path = Path(out_path).absolute()
     if not is_tar_target(out_path):
         with atomic_dir(out_path, overwrite) as staging:
-            yield staging
+            yield StagedOutput(staging, functools.partial(_staged_file, staging))
         return
     if out_path.exists() and not overwrite:
         raise UserError(f"{out_path} already exists", fix="choose a new path, delete it, or pass --overwrite")
@@ -72,12 +101,97 @@ def atomic_output(out_path: Path, overwrite: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     partial = staging.with_name(staging.name + ".tar")
     try:
-        yield staging
-        _write_tar(staging, partial)
+        with _TarBuilder(partial) as tar:
+            yield StagedOutput(staging, tar.stream)
+            tar.add_tree(staging)
         os.replace(partial, out_path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         partial.unlink(missing_ok=True)
+
+
+class _TarBuilder:
+    """Writes an uncompressed POSIX (pax) tar front to back, as NeMo's tar.add would pack the files.
+
+    Members have `./`-prefixed names, owner root and modes 0755/0644 whoever packs them (the
+    staging dir is 0700; the archive must not be). A large member can be streamed: its header
+    space is reserved, the data written straight into the archive, and the header written
+    into the reserved space once the size is known. That header always carries a pax `size`
+    record, so it has the same length (3 blocks) whatever the size, including over 8 GiB.
+    """
+
+    _STREAMED_HEADER = 3 * tarfile.BLOCKSIZE
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._names: set[str] = set()
+
+    def __enter__(self) -> "_TarBuilder":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        try:
+            if kind is None:  # end-of-archive: two zero blocks, padded to a whole record as tarfile does
+                end = self._file.tell() + 2 * tarfile.BLOCKSIZE
+                self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+        finally:
+            self._file.close()
+
+    @staticmethod
+    def _header(arcname: str, size: int, mtime: float, is_dir: bool = False, pax_size: bool = False) -> bytes:
+        info = tarfile.TarInfo(arcname)
+        info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+        info.size, info.mtime = size, int(mtime)
+        if pax_size:
+            info.pax_headers = {"size": str(size)}
+        return _plain_member(info).tobuf(tarfile.PAX_FORMAT)
+
+    def _pad(self) -> None:
+        self._file.write(b"\0" * (-self._file.tell() % tarfile.BLOCKSIZE))
+
+    def _add_parents(self, rel: str) -> None:
+        parts = rel.split("/")  # "model_weights/__0_0.distcp": "." and "./model_weights"
+        for name in ["."] + ["./" + "/".join(parts[:depth]) for depth in range(1, len(parts))]:
+            if name not in self._names:
+                self._file.write(self._header(name, 0, time.time(), is_dir=True))
+                self._names.add(name)
+
+    @contextlib.contextmanager
+    def stream(self, rel: str) -> Iterator[BinaryIO]:
+        """Yields the archive positioned at the data of member `./<rel>`; completes its header on exit."""
+        arcname = f"./{rel}"
+        self._add_parents(rel)
+        start = self._file.tell()
+        self._file.write(b"\0" * self._STREAMED_HEADER)
+        yield self._file
+        end = self._file.tell()
+        size = end - start - self._STREAMED_HEADER
+        self._pad()
+        after = self._file.tell()
+        header = self._header(arcname, size, time.time(), pax_size=True)
+        if len(header) != self._STREAMED_HEADER:
+            raise RuntimeError(f"tar header of {arcname} is {len(header)} bytes, {self._STREAMED_HEADER} reserved")
+        self._file.seek(start)
+        self._file.write(header)
+        self._file.seek(after)
+        self._names.add(arcname)
+
+    def add_tree(self, source: Path) -> None:
+        """Adds `source` as `.` and everything under it not added yet (regular files and dirs only), sorted."""
+        for path in [source, *sorted(source.rglob("*"))]:
+            arcname = "." if path == source else f"./{path.relative_to(source).as_posix()}"
+            if arcname in self._names:
+                continue
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                raise RuntimeError(f"refusing to pack {path}: not a regular file or directory")
+            stat = path.stat()
+            self._file.write(self._header(arcname, 0 if path.is_dir() else stat.st_size, stat.st_mtime,
+                                          is_dir=path.is_dir()))
+            if path.is_file():
+                with open(path, "rb") as src:
+                    shutil.copyfileobj(src, self._file, _COPY_CHUNK)
+                self._pad()
+            self._names.add(arcname)
 
 
 def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -86,17 +200,6 @@ def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uname = info.gname = ""
     info.mode = 0o755 if info.isdir() else 0o644
     return info
-
-
-def _write_tar(source: Path, tar_path: Path) -> None:
-    """Uncompressed tar of `source` with './'-prefixed members, regular files and dirs only."""
-    with tarfile.open(tar_path, "w:", format=tarfile.PAX_FORMAT, copybufsize=16 << 20) as tar:
-        tar.add(source, arcname=".", recursive=False, filter=_plain_member)
-        for path in sorted(source.rglob("*")):
-            if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                raise RuntimeError(f"refusing to pack {path}: not a regular file or directory")
-            tar.add(path, arcname=f"./{path.relative_to(source).as_posix()}", recursive=False,
-                    filter=_plain_member)
 
 
 # --------------------------------------------------------------------------- reading

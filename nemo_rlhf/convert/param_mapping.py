@@ -3,8 +3,12 @@
 Every weight of every family is converted by one of a handful of *kinds*. A kind knows
 three things:
 
+* `pieces`: where each block of rows of the Megatron tensor of one layer comes from (rows of
+  one HF tensor, or zeros), from shapes alone; the layout is defined there once;
 * `to_megatron`: the HF tensor(s) of one layer -> the Megatron tensor of that layer, in the
-  global (TP=1) layout a Megatron distributed checkpoint stores;
+  global (TP=1) layout a Megatron distributed checkpoint stores: the pieces assembled (a
+  converter may instead write the pieces as separate chunks of the checkpoint, straight from
+  the source's pages, which is what `hf_to_nemo` does);
 * `to_hf`: the inverse (the same table read backwards on export);
 * `shard`: the piece of the global tensor that tensor-parallel rank `r` of `tp` holds, which
   is what megatron-core's own loader puts into each rank (used to check our layout and to
@@ -69,21 +73,55 @@ def _split_evenly(size: int, parts: int, what: str, fix: str) -> int:
     return size // parts
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of a Megatron tensor (dim 0) are rows [src_start, src_start + stop - start)
+    of HF tensor number `source`, or zeros when `source` is None (vocabulary padding)."""
+
+    start: int
+    stop: int
+    source: int | None
+    src_start: int = 0
+
+
 class Kind:
     """Base of the mapping kinds: one HF tensor, unchanged, replicated under TP."""
 
     name = "replicated"
     num_hf = 1  # how many HF tensors make one Megatron tensor
 
+    def pieces(self, hf_shapes: Sequence[tuple[int, ...]], geo: Geometry) -> list[Piece]:
+        """The Megatron tensor's row blocks and their sources, in order; checks the HF shapes."""
+        return [Piece(0, hf_shapes[0][0], 0)]
+
     def to_megatron(self, hf: Sequence[torch.Tensor], geo: Geometry) -> torch.Tensor:
-        return hf[0]
+        """The pieces assembled (the HF tensor itself when it is the only, whole piece)."""
+        if hf[0].dim() == 0:
+            return hf[0]
+        pieces = self.pieces([tuple(t.shape) for t in hf], geo)
+        first = pieces[0]
+        if len(pieces) == 1 and first.source is not None and first.stop == hf[first.source].shape[0]:
+            return hf[first.source]
+        out = hf[0].new_empty((pieces[-1].stop, *hf[0].shape[1:]))
+        for p in pieces:
+            if p.source is None:
+                out[p.start:p.stop].zero_()
+            else:
+                out[p.start:p.stop].copy_(hf[p.source][p.src_start:p.src_start + p.stop - p.start])
+        return out
 
     def to_hf(self, tensor: torch.Tensor, geo: Geometry) -> list[torch.Tensor]:
         return [tensor]
 
     def megatron_shape(self, hf_shapes: Sequence[tuple[int, ...]], geo: Geometry) -> tuple[int, ...]:
         """Global Megatron shape from the HF shapes, without touching data (for planning)."""
-        return tuple(hf_shapes[0])
+        if not hf_shapes[0]:
+            return ()
+        if len({tuple(s[1:]) for s in hf_shapes}) > 1:
+            raise UserError(f"the {self.name} tensors of one layer disagree in their trailing dimensions: "
+                            f"{[tuple(s) for s in hf_shapes]}",
+                            fix="use a checkpoint whose config.json matches its weights")
+        return (self.pieces(hf_shapes, geo)[-1].stop, *hf_shapes[0][1:])
 
     def shard(self, tensor: torch.Tensor, rank: int, tp: int, geo: Geometry) -> torch.Tensor:
         return tensor
@@ -135,24 +173,18 @@ class Vocab(Column):
 
     name = "vocab"
 
-    def to_megatron(self, hf, geo):
-        weight = hf[0]
-        if weight.shape[0] != geo.vocab_size:
-            raise UserError(f"embedding has {weight.shape[0]} rows but the config says vocab_size={geo.vocab_size}",
+    def pieces(self, hf_shapes, geo):
+        if hf_shapes[0][0] != geo.vocab_size:
+            raise UserError(f"embedding has {hf_shapes[0][0]} rows but the config says vocab_size={geo.vocab_size}",
                             fix="use a checkpoint whose config.json matches its weights")
-        extra = geo.padded_vocab_size - geo.vocab_size
-        if extra == 0:
-            return weight
-        return torch.cat([weight, weight.new_zeros((extra, *weight.shape[1:]))])
+        rows = [Piece(0, geo.vocab_size, 0)]
+        return rows + [Piece(geo.vocab_size, geo.padded_vocab_size, None)] * (geo.padded_vocab_size > geo.vocab_size)
 
     def to_hf(self, tensor, geo):
         if tensor.shape[0] < geo.vocab_size:
             raise UserError(f"checkpoint embedding has {tensor.shape[0]} rows, fewer than the vocabulary "
                             f"({geo.vocab_size})", fix="check override_vocab_size in model_config.yaml")
         return [tensor[:geo.vocab_size]]
-
-    def megatron_shape(self, hf_shapes, geo):
-        return (geo.padded_vocab_size, *hf_shapes[0][1:])
 
     def shard(self, tensor, rank, tp, geo):
         block = _split_evenly(tensor.shape[0], tp, "vocabulary (dimension 0)",
@@ -169,15 +201,16 @@ class Qkv(Kind):
     name = "qkv"
     num_hf = 3
 
-    def to_megatron(self, hf, geo):
-        q, k, v = hf
-        ng, hpg, d = geo.num_query_groups, geo.heads_per_group, geo.head_dim
-        rest = q.shape[1:]
-        self._check(q, k, v, geo)
-        q = q.reshape(ng, hpg, d, *rest)
-        k = k.reshape(ng, 1, d, *rest)
-        v = v.reshape(ng, 1, d, *rest)
-        return torch.cat([q, k, v], dim=1).reshape(ng * (hpg + 2) * d, *rest)
+    def pieces(self, hf_shapes, geo):
+        self._check(*hf_shapes, geo)
+        q_rows, d = geo.heads_per_group * geo.head_dim, geo.head_dim
+        group = q_rows + 2 * d
+        out = []
+        for g in range(geo.num_query_groups):  # q_g, then k_g, then v_g
+            out += [Piece(g * group, g * group + q_rows, 0, g * q_rows),
+                    Piece(g * group + q_rows, g * group + q_rows + d, 1, g * d),
+                    Piece(g * group + q_rows + d, (g + 1) * group, 2, g * d)]
+        return out
 
     def to_hf(self, tensor, geo):
         ng, hpg, d = geo.num_query_groups, geo.heads_per_group, geo.head_dim
@@ -192,10 +225,6 @@ class Qkv(Kind):
         v = grouped[:, hpg + 1].reshape(ng * d, *rest)
         return [q.contiguous(), k.contiguous(), v.contiguous()]
 
-    def megatron_shape(self, hf_shapes, geo):
-        q, k, v = hf_shapes
-        return (q[0] + k[0] + v[0], *q[1:])
-
     def shard(self, tensor, rank, tp, geo):
         groups = _split_evenly(geo.num_query_groups, tp, "query groups",
                                f"choose a TP size that divides num_query_groups={geo.num_query_groups}")
@@ -209,7 +238,7 @@ class Qkv(Kind):
     def _check(q, k, v, geo):
         d = geo.head_dim
         want = (geo.num_heads * d, geo.num_query_groups * d, geo.num_query_groups * d)
-        have = (q.shape[0], k.shape[0], v.shape[0])
+        have = (q[0], k[0], v[0])
         if have != want:
             raise UserError(f"q/k/v projections have {have} rows, expected {want} for {geo.num_heads} heads, "
                             f"{geo.num_query_groups} key/value heads, head size {d}",
@@ -222,19 +251,16 @@ class GatedMlp(Kind):
     name = "gated_mlp"
     num_hf = 2
 
-    def to_megatron(self, hf, geo):
-        gate, up = hf
-        if gate.shape != up.shape:
-            raise UserError(f"gate_proj {tuple(gate.shape)} and up_proj {tuple(up.shape)} differ in shape",
+    def pieces(self, hf_shapes, geo):
+        gate, up = hf_shapes
+        if tuple(gate) != tuple(up):
+            raise UserError(f"gate_proj {tuple(gate)} and up_proj {tuple(up)} differ in shape",
                             fix="use a checkpoint whose config.json matches its weights")
-        return torch.cat([gate, up])
+        return [Piece(0, gate[0], 0), Piece(gate[0], 2 * gate[0], 1)]
 
     def to_hf(self, tensor, geo):
         gate, up = tensor.chunk(2)
         return [gate.contiguous(), up.contiguous()]
-
-    def megatron_shape(self, hf_shapes, geo):
-        return (hf_shapes[0][0] + hf_shapes[1][0], *hf_shapes[0][1:])
 
     def shard(self, tensor, rank, tp, geo):
         gate, up = tensor.chunk(2)
@@ -269,19 +295,16 @@ class FusedQkv(Qkv):
     name = "fused_qkv"
     num_hf = 1
 
-    def to_megatron(self, hf, geo):
+    def pieces(self, hf_shapes, geo):
         expected = geo.num_query_groups * (geo.heads_per_group + 2) * geo.head_dim
-        if hf[0].shape[0] != expected:
-            raise UserError(f"query_key_value has {hf[0].shape[0]} rows, expected {expected} for {geo.num_heads} "
+        if hf_shapes[0][0] != expected:
+            raise UserError(f"query_key_value has {hf_shapes[0][0]} rows, expected {expected} for {geo.num_heads} "
                             f"heads of size {geo.head_dim}",
                             fix="use a checkpoint whose config.json matches its weights")
-        return hf[0]
+        return [Piece(0, expected, 0)]
 
     def to_hf(self, tensor, geo):
-        return [self.to_megatron([tensor], geo)]
-
-    def megatron_shape(self, hf_shapes, geo):
-        return tuple(hf_shapes[0])
+        return [Kind.to_megatron(self, [tensor], geo)]
 
 
 FUSED_QKV = FusedQkv()
