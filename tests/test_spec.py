@@ -82,3 +82,19 @@ def test_cli_malformed_yaml(tmp_path):
     bad.write_text("sft: {lr: [1, 2\n")
     proc = cli("spec", "validate", str(bad))
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_reward_hacking_recipe_and_its_small_scale_only_keys():
+    demo_path = TINY.parent / "reward-hacking-demo.yaml"
+    demo = load_spec(demo_path)
+    assert demo.rm.exploit == "longer_wins" and demo.gold_rm.enabled and demo.ppo.sample_every > 0
+    assert demo.data.sft.format == "hh_rlhf_chosen"
+    assert load_spec(demo_path, ["rm.exploit=none"]).rm.exploit == "none"  # the honest twin
+    with pytest.raises(UserError) as err:
+        load_spec(demo_path, ["scale=large"])
+    text = err.value.render()
+    for key in ("rm.exploit", "gold_rm.enabled", "ppo.sample_every", "data.sft.format"):
+        assert f"{key}: " in text, key
+    with pytest.raises(UserError) as err:
+        load_spec(demo_path, ["rm.exploit=shorter_wins"])
+    assert "rm.exploit" in err.value.render() and "longer_wins" in err.value.render()
