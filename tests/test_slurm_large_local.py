@@ -158,7 +158,11 @@ def test_failing_actor_fails_the_het_job_and_status_names_it(large_run):
     tail = "\n".join({row["name"]: row for row in status["stages"]}["ppo"]["log_tail"])
     assert "the actor (het-group 1) exited with status 1" in tail and "ppo-actor." in tail, tail
     assert "forced failure: " in tail and "lists 'actor'" in tail, tail
-    assert "lists 'critic'" not in tail  # only this attempt's step logs
+    # Only this attempt: its batch stderr from its first line on, its own step logs.
+    ppo = {row["name"]: row for row in status["stages"]}["ppo"]
+    assert ppo["log_tail"][0].startswith(f"[nemo-rlhf] stage ppo: job {ppo['job_id']} on n"), tail
+    assert "lists 'critic'" not in tail and "the critic server" not in tail, tail
+    assert f"ppo-actor.{int(ppo['job_id']) + 1}.<task>.err" in tail  # het-group 1's job id names its logs
 
 
 def test_resume_runs_the_het_job_and_finishes_the_pipeline(large_run):

@@ -30,6 +30,9 @@ NEVER = "DependencyNeverSatisfied"
 # A job step's own log beside the batch logs: <step>.<job id>.<task>.{out,err} (the large-scale
 # scripts' srun --output/--error patterns <step>.%j.%t.out): a program's error is there, not in <stage>.err.
 STEP_LOG = re.compile(r"^(?P<step>.+)\.(?P<job>\d+)\.(?P<task>\d+)\.(?P<stream>out|err)$")
+# The first line of every attempt in a stage's batch logs (both renderers' scripts write it): the
+# logs are appended to across requeues and resumes, and a failure's tail starts at its own attempt.
+ATTEMPT_MARK = "[nemo-rlhf] stage "
 MAX_STEP_LOGS = 4  # a failed stage's tail shows at most this many step logs (each task has its own)
 
 
@@ -190,7 +193,9 @@ def failure_tail(job: StageJob, job_ids: set[str], lines: int) -> list[str]:
     stderr says why (the program's traceback). Only this attempt's steps (`job_ids`: the job's
     component ids) are read: a resubmitted stage appends to the same batch logs, not to the old steps'.
     """
-    tail = log_tail(job.stderr, lines) or log_tail(job.stdout, lines)
+    tail = log_tail(job.stderr, lines, last_attempt=True)
+    if all(line.startswith(ATTEMPT_MARK) for line in tail):  # nothing on stderr but the attempt's first line
+        tail = log_tail(job.stdout, lines, last_attempt=True)
     shown = 0
     for path in step_logs(Path(job.stderr).parent, job_ids, "err"):
         step_tail = log_tail(str(path), lines)
@@ -214,15 +219,18 @@ def step_logs(log_dir: Path, job_ids: set[str], stream: str) -> list[Path]:
     return found
 
 
-def log_tail(path: str, lines: int) -> list[str]:
-    """The last `lines` lines of a log file ([] when it does not exist, or for lines <= 0)."""
+def log_tail(path: str, lines: int, last_attempt: bool = False) -> list[str]:
+    """The last `lines` lines of a log file ([] when it does not exist, or for lines <= 0);
+    with `last_attempt`, none from before the file's last ATTEMPT_MARK line."""
     if lines <= 0:  # [-0:] would be the whole file
         return []
     try:
         with open(path, errors="replace") as handle:
-            return handle.read().splitlines()[-lines:]
+            text = handle.read().splitlines()
     except OSError:
         return []
+    starts = [i for i, line in enumerate(text) if line.startswith(ATTEMPT_MARK)] if last_attempt else []
+    return text[starts[-1] if starts else 0:][-lines:]
 
 
 def cancel_dag(run_dir: Path) -> list[StageStatus]:
