@@ -11,7 +11,8 @@ SLURM_JOB_NODELIST_HET_GROUP_0 and talks to it.
 
 The critic is made to fail first: the het job fails at once, `slurm status` names ppo and the
 critic, export and eval stay unrun; resumed, the actor fails, and status names it; resumed once
-more, the pipeline finishes without redoing the stages before ppo.
+more, the PPO job is preempted (requeued) while the actor works, runs again, and the pipeline
+finishes without redoing the stages before ppo.
 The run directory's name is full of shell syntax. It proves the wiring, not NeMo.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,9 +30,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nemo_rlhf.slurm import sbatch
 from nemo_rlhf.slurm.dag import cancel_dag
 from tests.helpers import REPO
-from tests.test_slurm_dag import HOSTILE, wait_until_settled
+from tests.test_slurm_dag import HOSTILE, wait_for_state, wait_until_settled
 
 RECIPE = REPO / "recipes" / "smollm2-360m-cluster.yaml"
 STANDIN = REPO / "tests" / "standin_aligner"
@@ -97,6 +100,25 @@ def manifests(run_dir: Path, stages) -> dict:
     return {s: (f.read_bytes(), f.stat().st_mtime_ns) for s, f in files.items() if f.is_file()}
 
 
+def preempt_ppo_once(run_dir: Path, hold_file: Path) -> str:
+    """Requeue the running PPO het job (what preemption does) while its actor holds, start it again at
+    once (SLURM holds a requeued job back 120 s), then let the actor go. Returns the job id."""
+    import time
+
+    job_id = wait_for_state(run_dir, "ppo", ("RUNNING",)).job_id
+    actor_log = run_dir / "logs" / f"ppo-actor.{sbatch.job_info(job_id).component_ids[1]}.0.out"
+    deadline = time.monotonic() + 120
+    while "holding" not in (actor_log.read_text() if actor_log.is_file() else ""):
+        assert time.monotonic() < deadline, f"the actor never started: {actor_log}"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    wait_for_state(run_dir, "ppo", ("PENDING",), timeout=60)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    wait_for_state(run_dir, "ppo", ("RUNNING", "COMPLETED", "FAILED"), timeout=120)
+    hold_file.write_text("")
+    return job_id
+
+
 @pytest.fixture(scope="module")
 def large_run(slurm_cluster, tmp_path_factory):
     """Submit the DAG with the critic set to fail, inspect the failure, let it pass, resume to the end."""
@@ -104,13 +126,14 @@ def large_run(slurm_cluster, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("large local")
     policy, reward_nemo = tiny_models(root)
-    run_dir, fail_file = root / HOSTILE, root / "fail-these"  # every path in every script must be quoted
+    run_dir, fail_file, hold_file = root / HOSTILE, root / "fail-these", root / "hold-these"  # HOSTILE: quoting
     fail_file.write_text("critic\n")
     port = free_port()
     # The jobs inherit this environment (sbatch --export=ALL): the venv's python and nemo-rlhf, as
     # an activated environment would give them, and the stand-ins' test switches.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "NEMO_RLHF_STANDIN_FAIL_FILE": str(fail_file), "NEMO_RLHF_STANDIN_REWARD_NEMO": str(reward_nemo),
+           "NEMO_RLHF_STANDIN_FAIL_FILE": str(fail_file), "NEMO_RLHF_STANDIN_HOLD_FILE": str(hold_file),
+           "NEMO_RLHF_STANDIN_REWARD_NEMO": str(reward_nemo),
            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     overrides = [*LOCAL, f"model.path={policy}", f"data.root={data_root('auto')}", f"parallel.critic.port={port}"]
     seen = {"run_dir": run_dir, "port": port}
@@ -127,8 +150,11 @@ def large_run(slurm_cluster, tmp_path_factory):
         seen["actor_failed_states"] = wait_until_settled(run_dir, TIMEOUT_S)
         seen["actor_failed_json"] = status_json(env, run_dir)
         fail_file.write_text("")  # the user fixes the actor, then resumes
+        hold_file.write_text("actor\n")  # ... and the cluster preempts the PPO job while the actor works
         seen["resume"] = run_cli(env, "slurm", "resume", str(run_dir))
+        seen["preempted_job"] = preempt_ppo_once(run_dir, hold_file)
         seen["states"] = wait_until_settled(run_dir, TIMEOUT_S)
+        seen["ppo_restarts"] = sbatch.job_info(seen["preempted_job"]).restarts
         seen["json"] = status_json(env, run_dir)
         yield seen
     finally:
@@ -185,19 +211,22 @@ def test_resume_runs_the_het_job_and_finishes_the_pipeline(large_run):
         assert not (where / "pwned").exists() and not (where / "pwned2").exists(), where
 
 
-def _step_logs(run_dir: Path, step: str, last_attempt: bool = False) -> str:
-    """The stdout of every task of `step` (<step>.<job id>.<task>.out), or of its last job's tasks only."""
+def _step_logs(run_dir: Path, step: str, final_run: bool = False) -> str:
+    """The stdout of every task of `step` (<step>.<job id>.<task>.out); with `final_run`, only the lines
+    the last job wrote in its last run (a requeued job appends to the same files; lines say `restart N`)."""
     files = sorted((run_dir / "logs").glob(f"{step}.*.out"))
-    if last_attempt:
-        last = max(int(f.name.split(".")[-3]) for f in files)
-        files = [f for f in files if int(f.name.split(".")[-3]) == last]
-    return "".join(f.read_text() for f in files)
+    if not final_run:
+        return "".join(f.read_text() for f in files)
+    last = max(int(f.name.split(".")[-3]) for f in files)
+    lines = [line for f in files if int(f.name.split(".")[-3]) == last for line in f.read_text().splitlines(True)]
+    restart = max(int(m[1]) for line in lines if (m := re.search(r" restart (\d+) on ", line)))
+    return "".join(line for line in lines if f" restart {restart} on " in line)
 
 
 def test_critic_and_actor_met_on_the_rendered_host_and_port(large_run):
     run_dir, port = large_run["run_dir"], large_run["port"]
-    # The last attempt's tasks (earlier attempts failed on purpose; how far their other side got is timing).
-    critic, actor = (_step_logs(run_dir, step, last_attempt=True) for step in ("ppo-critic", "ppo-actor"))
+    # The final run's tasks (earlier ones failed or were preempted on purpose; how far the other side got is timing).
+    critic, actor = (_step_logs(run_dir, step, final_run=True) for step in ("ppo-critic", "ppo-actor"))
     assert f"serving on port {port}" in critic and "answered" in critic
     assert critic.count("layout ok: 1 nodes, 2 ranks, TP 2, PP 1, DP 1") == 2
     assert critic.count(f"checkpoint {run_dir}/rm/results/checkpoints/rm.nemo") == 2
@@ -208,6 +237,22 @@ def test_critic_and_actor_met_on_the_rendered_host_and_port(large_run):
     assert actor.count(f"reached the critic at {group0.pop()}:{port}") == 2, actor
     assert actor.count("layout ok: 1 nodes, 2 ranks, TP 1, PP 1, DP 2") == 2 and "NCCL_ALGO=Tree" in actor
     assert "(a copy of" in actor and (run_dir / "ppo" / "actor" / "checkpoints" / "ppo_actor.nemo").is_file()
+
+
+def test_preempted_ppo_job_requeues_and_finishes(large_run):
+    """Requeued while the actor worked, the het job ran again from the top (same job id, logs appended)."""
+    run_dir, job_id = large_run["run_dir"], large_run["preempted_job"]
+    assert large_run["ppo_restarts"] == 1
+    assert {s.name: s.state for s in large_run["states"]}["ppo"] == "COMPLETED"
+    assert [s["job_id"] for s in json.loads((run_dir / "slurm" / "jobs.json").read_text())["stages"]
+            if s["name"] == "ppo"] == [job_id]
+    batch = (run_dir / "logs" / "ppo.out").read_text()
+    assert re.search(rf"stage ppo: job {job_id} on n[12], restart 0\n", batch), batch
+    assert re.search(rf"stage ppo: job {job_id} on n[12], restart 1\n", batch), batch
+    actor_log = (run_dir / "logs" / f"ppo-actor.{int(job_id) + 1}.0.out").read_text()
+    preempted = [line for line in actor_log.splitlines() if " restart 0 on " in line]
+    assert any("holding while" in line for line in preempted) and not any("reached" in line for line in preempted)
+    assert "reached the critic" in _step_logs(run_dir, "ppo-actor", final_run=True)
 
 
 def test_stand_ins_checked_the_rendered_configs_and_layouts(large_run):

@@ -10,7 +10,8 @@ The rendered script runs them from this folder with it on PYTHONPATH (as NeMo-Al
 which is how they import this module.
 
 A stand-in fails on purpose when the file named by $NEMO_RLHF_STANDIN_FAIL_FILE exists and lists
-its name (one per line): how the tests make one stage of a DAG fail.
+its name (one per line): how the tests make one stage of a DAG fail. It waits while the file named
+by $NEMO_RLHF_STANDIN_HOLD_FILE lists its name: how a test keeps a job running to requeue it.
 
 Each one checks what it is handed, so a wiring mistake fails the job: the config file exists and has
 every key it reads, trainer.num_nodes x trainer.devices is the srun's nodes x tasks, the .nemo it
@@ -28,16 +29,20 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import yaml
 
 FAIL_FILE_ENV = "NEMO_RLHF_STANDIN_FAIL_FILE"
+HOLD_FILE_ENV = "NEMO_RLHF_STANDIN_HOLD_FILE"
 
 
 def log(name: str, message: str) -> None:
-    """One line on stdout, tagged with the stand-in and the SLURM task (the logs are per task)."""
-    print(f"[stand-in {name} task {rank()} on {socket.gethostname()}] {message}", flush=True)
+    """One line on stdout, tagged with the stand-in, the SLURM task (the logs are per task) and how often
+    the job was requeued (a requeued job appends to the same step logs)."""
+    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    print(f"[stand-in {name} task {rank()} restart {restart} on {socket.gethostname()}] {message}", flush=True)
 
 
 def die(name: str, message: str) -> None:
@@ -93,9 +98,22 @@ def get(cfg: dict, key: str):
 
 def check_forced_failure(name: str) -> None:
     """Exit 1 when the marker file of $NEMO_RLHF_STANDIN_FAIL_FILE names this stand-in."""
-    marker = os.environ.get(FAIL_FILE_ENV)
-    if marker and Path(marker).is_file() and name in Path(marker).read_text().split():
-        die(name, f"forced failure: {marker} lists {name!r}")
+    if _listed(FAIL_FILE_ENV, name):
+        die(name, f"forced failure: {os.environ[FAIL_FILE_ENV]} lists {name!r}")
+
+
+def _listed(env: str, name: str) -> bool:
+    marker = os.environ.get(env)
+    return bool(marker) and Path(marker).is_file() and name in Path(marker).read_text().split()
+
+
+def hold_while_listed(name: str) -> None:
+    """Wait (as a long training step would) while $NEMO_RLHF_STANDIN_HOLD_FILE lists this stand-in."""
+    if _listed(HOLD_FILE_ENV, name):
+        log(name, f"holding while {os.environ[HOLD_FILE_ENV]} lists {name!r}")
+        while _listed(HOLD_FILE_ENV, name):
+            time.sleep(0.5)
+        log(name, "released")
 
 
 def check_layout(name: str, cfg: dict) -> None:

@@ -19,6 +19,7 @@ from standin_common import (
     check_nemo,
     die,
     get,
+    hold_while_listed,
     load_config,
     log,
     resolve_host,
@@ -47,6 +48,7 @@ if __name__ == "__main__":
     cfg = load_config(NAME, sys.argv[1:])
     check_forced_failure(NAME)
     check_layout(NAME, cfg)
+    hold_while_listed(NAME)
     source = check_nemo(NAME, cfg, get(cfg, "pretrained_checkpoint.restore_from_path"))
     check_jsonl(NAME, get(cfg, "model.data.data_prefix.train")[0], ("text",))
     if get(cfg, "remote_critic_rm.combine_rm_and_critic_server") is not True:
