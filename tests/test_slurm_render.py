@@ -251,6 +251,11 @@ def test_data_stage_feeds_the_configs_and_every_stage_records_its_manifest(tmp_p
                                                                          "eval-exported", "hf-to-nemo")), name
     ppo = _words(tmp_path / "ppo.sbatch")
     assert ppo[ppo.index("record-stage"):].count("--parent") == 3 and "--het-group=1" in ppo
+    # The eval stage runs our CLI as every other tool step does (cluster.nemo_rlhf_command), not a bare python.
+    eval_words = _words(tmp_path / "eval.sbatch")
+    start = eval_words.index("eval-exported")
+    assert eval_words[start - 2:start + 3] == ["nemo-rlhf", "slurm", "eval-exported", f"{tmp_path}/spec.yaml",
+                                               str(tmp_path)]
 
 
 def test_partial_aligner_data_is_refused(tmp_path):
