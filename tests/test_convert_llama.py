@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import subprocess
 import sys
 import tarfile
@@ -185,6 +186,31 @@ def test_unsupported_architecture_and_settings_are_user_errors(hf_dir, tmp_path)
     assert not any(tmp_path.glob("*.nemo"))
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"vocab_size": 50300}, "embedding has 50304 rows but the config says vocab_size=50300"),
+    ({"num_key_value_heads": 4}, r"q/k/v projections have \(64, 32, 32\) rows, expected \(64, 64, 64\)"),
+    ({"num_hidden_layers": 3}, "tensors beyond num_hidden_layers=3"),
+    ({"num_hidden_layers": 5},
+     r"9 tensors the LlamaForCausalLM table needs are missing: \[.model.layers.4.input_layernorm.weight"),
+])
+def test_config_that_disagrees_with_the_weights_is_an_error(change, message, hf_dir, tmp_path):
+    copy = _copy(hf_dir, tmp_path / "cfg")
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(UserError, match=message) as err:
+        hf_to_nemo(copy, tmp_path / "out.nemo")
+    assert err.value.fix and not any(p.name.startswith((".out.nemo", "out.nemo")) for p in tmp_path.iterdir())
+
+
+def test_truncated_safetensors_is_a_user_error(hf_dir, tmp_path):
+    copy = _copy(hf_dir, tmp_path / "cut")
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(UserError, match="truncated or corrupt") as err:
+        hf_to_nemo(copy, tmp_path / "out")
+    assert "model.safetensors" in str(err.value) and not (tmp_path / "out").exists()
+
+
 def test_layer_shapes_that_disagree_are_an_error(hf_dir, tmp_path):
     copy = _copy(hf_dir, tmp_path / "ragged")
     weights = load_file(copy / "model.safetensors")
@@ -215,6 +241,28 @@ def test_truncated_nemo_is_a_user_error(nemo_file, tmp_path):
     with pytest.raises(UserError, match="truncated or corrupt"):
         nemo_to_hf(cut, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+class _Evil:
+    """Unpickling this runs code: the reader must refuse it unread."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def test_a_checkpoint_metadata_that_runs_code_is_refused(nemo_file, tmp_path):
+    """`.metadata` is a pickle: it goes through an allow-list of torch.distributed.checkpoint's own classes."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    nemo_archive.extract_nemo(nemo_file, folder)
+    marker = tmp_path / "pwned.txt"
+    (folder / "model_weights" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(UserError, match="builtins.exec is not allowed") as err:
+        nemo_to_hf(folder, tmp_path / "out")
+    assert ".metadata" in str(err.value) and not marker.exists() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink", "hardlink", "chardev", "fifo"])
@@ -269,6 +317,12 @@ def test_certificate_catches_a_wrong_mapping(wrong, hf_dir, tmp_path, monkeypatc
         monkeypatch.setattr(type(GATED_MLP), "to_megatron", lambda self, hf, geo: torch.cat([hf[1], hf[0]]))
     bad = hf_to_nemo(hf_dir, tmp_path / "wrong.nemo")
     monkeypatch.undo()
+    if wrong == "plain_cat_qkv":  # through the CLI: a failed certificate exits 1, its JSON says why
+        proc = _cli("verify", "conversion", "--hf", str(hf_dir), "--nemo", str(bad), "--json")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["passed"] is False and report["max_abs_logit_diff"] > 0.1 and report["top1_agreement"] < 1
+        return
     cert = verify_conversion(hf_dir, bad, tp=1, pp=1)
     print(f"{wrong}: max |diff| {cert.max_abs_logit_diff}, agreement {cert.top1_agreement}")
     assert not cert.passed and cert.max_abs_logit_diff > 0.1
