@@ -24,6 +24,7 @@ def test_sft_curves_agree_over_four_steps():
     assert result.passed, [(c.name, c.value, c.tolerance) for c in result.checks]
     assert checks["curves/sft/step1_loss"].value < 1e-5  # same weights, same batch: fp32 (measured 9.5e-7)
     assert len(result.tables["curves"]) == 4 and checks["curves/sft/loss"].tolerance == CURVE_RTOL
+    assert result.meta["tied_embeddings"] is True  # the known drift's condition is reported (see parity.curves)
 
 
 def test_rm_curves_agree_and_a_shuffled_data_order_fails(tmp_path):
