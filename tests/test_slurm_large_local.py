@@ -276,7 +276,8 @@ CONFIGS = {RM: "rm", CRITIC: "ppo_critic", ACTOR: "ppo_actor"}
 @pytest.mark.parametrize("script, env_change, overrides, message", [
     (RM, {}, [], None),  # as the rendered script ran it: passes
     (RM, {"SLURM_NTASKS": "3"}, [], "config wants 1 nodes x 2 devices; SLURM gave 1 nodes, 3 tasks"),
-    (RM, {"SLURM_NNODES": "2", "SLURM_NTASKS": "4"}, [], "config wants 1 nodes x 2 devices; SLURM gave 2 nodes, 4 tasks"),
+    (RM, {"SLURM_NNODES": "2", "SLURM_NTASKS": "4"}, [],
+     "config wants 1 nodes x 2 devices; SLURM gave 2 nodes, 4 tasks"),
     (RM, {"SLURM_NTASKS": "3"}, ["trainer.devices=3", "model.tensor_model_parallel_size=3"],
      "4 heads / 2 query groups / 2 layers do not split over TP 3"),
     (RM, {}, ["model.data.data_prefix=null"], "config has no key model.data.data_prefix.train"),

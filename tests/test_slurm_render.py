@@ -231,8 +231,9 @@ def test_data_stage_feeds_the_configs_and_every_stage_records_its_manifest(tmp_p
     assert "prepare-aligner" in _words(tmp_path / "data.sbatch") and "record-stage" not in data
     sft = yaml.safe_load((tmp_path / "configs" / "sft.yaml").read_text())
     assert sft["model"]["data"]["train_ds"]["file_path"] == f"{tmp_path}/data/sft_train.jsonl"
-    assert sft["model"]["data"]["chat"] is False and sft["model"]["data"]["train_ds"]["prompt_template"] == "{input}{output}"
-    assert sft["model"]["data"]["train_ds"]["add_eos"] is False and sft["model"]["data"]["train_ds"]["label_key"] == "output"
+    train_ds = sft["model"]["data"]["train_ds"]
+    assert sft["model"]["data"]["chat"] is False and train_ds["prompt_template"] == "{input}{output}"
+    assert train_ds["add_eos"] is False and train_ds["label_key"] == "output"
     rm = yaml.safe_load((tmp_path / "configs" / "rm.yaml").read_text())
     assert rm["model"]["data"]["data_prefix"]["train"] == [f"{tmp_path}/data/rm_train.jsonl"]
     actor = yaml.safe_load((tmp_path / "configs" / "ppo_actor.yaml").read_text())

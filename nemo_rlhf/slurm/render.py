@@ -348,7 +348,8 @@ def _record_step(spec: PipelineSpec, stage: str, paths: RunPaths, files: dict[st
 _RESUME = {"aligner": "NeMo resumes from its last checkpoint (exp_manager.resume_if_exists).",
            "tool": "the step starts over (--overwrite replaces a partial output).",
            "data": "the files are written again (each one atomically, the manifest last)."}
-_WHAT = {"data": "NeMo-Aligner data files", "convert": "HF -> .nemo", "sft": "supervised fine-tuning", "rm": "reward model",
+_WHAT = {"data": "NeMo-Aligner data files", "convert": "HF -> .nemo", "sft": "supervised fine-tuning",
+         "rm": "reward model",
          "export": ".nemo -> HF", "eval": "evaluation"}
 
 

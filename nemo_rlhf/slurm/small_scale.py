@@ -40,7 +40,8 @@ SCRIPT = string.Template(
 ${cluster_directives}
 # A requeued job appends to the same logs and `nemo-rlhf run` skips the stages already finished.
 set -euo pipefail
-attempt="[nemo-rlhf] stage ${stage}: job $${SLURM_JOB_ID:-?} on $${SLURMD_NODENAME:-?}, restart $${SLURM_RESTART_COUNT:-0}"
+attempt="[nemo-rlhf] stage ${stage}: job $${SLURM_JOB_ID:-?} on $${SLURMD_NODENAME:-?}"
+attempt="$$attempt, restart $${SLURM_RESTART_COUNT:-0}"
 echo "$$attempt"; echo "$$attempt" >&2  # both logs: `slurm status` shows a failure's stderr from here on
 cd -- ${workdir}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
