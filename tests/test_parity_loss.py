@@ -122,6 +122,26 @@ def test_ppo_misaligned_configs_fail_and_name_the_difference(tmp_path, edit, fai
     assert "ppo/policy_loss" in {c.name for c in failed}
 
 
+def test_ppo_cli_on_a_rollout_file(tmp_path):
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from nemo_rlhf.parity.ppo_math import synthetic_rollout
+
+    rollout = {k: v.contiguous() for k, v in asdict(synthetic_rollout(batch=6, response_length=20, seed=3)).items()}
+    save_file(rollout, tmp_path / "rollout.safetensors")
+    proc = cli("parity", "loss", str(TINY), *ALIGNED_PPO, "--stage", "ppo", "--rollouts",
+               str(tmp_path / "rollout.safetensors"), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["meta"]["batch"] == [6, 20] and out["meta"]["rollouts"].endswith("rollout.safetensors")
+    del rollout["values"]
+    save_file(rollout, tmp_path / "partial.safetensors")
+    bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--rollouts", str(tmp_path / "partial.safetensors"))
+    assert bad.returncode == 2 and "lacks values" in bad.stderr
+
+
 def test_ppo_missing_eos_penalty_and_k3_fail():
     for override in ("ppo.missing_eos_penalty=1.0", "ppo.kl_estimator=k3"):
         result = ppo_parity(load_spec(TINY, [*ALIGNED_PPO, override]))

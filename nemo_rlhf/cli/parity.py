@@ -57,6 +57,8 @@ def add_parser(sub) -> None:
                                                         "prepare-aligner`); default: rendered from the TRL rows")
     loss.add_argument("--batch-size", type=int, help="examples (RM: pairs) in the batch; default: micro_batch_size")
     loss.add_argument("--configs", type=Path, help="PPO: NeMo-Aligner keys from rendered configs in this folder")
+    loss.add_argument("--rollouts", type=Path, help="PPO: a fixed rollout batch (safetensors with the fields of "
+                                                    "parity.ppo_math.Rollout); default: a seeded synthetic one")
     loss.set_defaults(func=run_loss)
 
     data = verbs.add_parser("data", help="NeMo-Aligner data files vs the TRL rows: identical token ids and masks")
@@ -168,7 +170,7 @@ def run_loss(args) -> int:
     spec = load(args)
     _check_dirs(args, "aligner_data", "configs", "hf")
     if args.stage == "ppo":
-        return emit(ppo_parity(spec, args.configs), args)
+        return emit(ppo_parity(spec, args.configs, rollouts=args.rollouts), args)
     result = sft_rm_loss_parity(spec, args.stage, hf_dir=_run_model(args, args.stage), nemo_path=args.nemo,
                                 aligner_dir=args.aligner_data, tp=args.tp, batch_size=args.batch_size)
     return emit(result, args)

@@ -217,16 +217,43 @@ def sft_rm_loss_parity(spec: PipelineSpec, stage: str, *, hf_dir: Path | None = 
 
 # ----------------------------------------------------------------------------------------------- PPO
 
-def ppo_parity(spec: PipelineSpec, configs_dir: Path | None = None, seed: int | None = None) -> ParityResult:
-    """PPO loss parity: TRL's PPOConfig values (from the spec) vs the NeMo-Aligner keys of the rendered configs."""
+def read_rollout(path: Path):
+    """A fixed rollout batch from safetensors holding every `ppo_math.Rollout` field (B x T response coordinates)."""
+    from dataclasses import fields
+
+    from safetensors.torch import load_file
+
+    from nemo_rlhf.parity.ppo_math import Rollout
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise UserError(f"cannot read {path}: {err}", where="--rollouts", fix="pass a safetensors file") from None
+    names = [f.name for f in fields(Rollout)]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}", where="--rollouts",
+                        fix=f"save all of {', '.join(names)} (see nemo_rlhf.parity.ppo_math.Rollout)")
+    values = {n: tensors[n] for n in names}
+    values["ends_with_eos"] = values["ends_with_eos"].bool()
+    values["lengths"] = values["lengths"].long()
+    return Rollout(**values)
+
+
+def ppo_parity(spec: PipelineSpec, configs_dir: Path | None = None, seed: int | None = None,
+               rollouts: Path | None = None) -> ParityResult:
+    """PPO loss parity: TRL's PPOConfig values (from the spec) vs the NeMo-Aligner keys of the rendered configs,
+    on a fixed rollout batch (`rollouts`, else a seeded synthetic one)."""
     from dataclasses import fields
 
     from nemo_rlhf.parity.config import build_sides
     from nemo_rlhf.parity.ppo_math import NemoSettings, TRLSettings, ppo_loss_parity
 
+    rollout = read_rollout(rollouts) if rollouts else None
     sides = build_sides(spec, configs_dir)
     trl = TRLSettings(**{f.name: sides.trl["ppo"][f.name] for f in fields(TRLSettings)})
     nemo = NemoSettings.from_configs(sides.nemo)
-    result = ppo_loss_parity(trl, nemo, seed=spec.seed if seed is None else seed)
+    result = ppo_loss_parity(trl, nemo, rollout, seed=spec.seed if seed is None else seed)
     result.meta["nemo_configs"] = str(configs_dir or "rendered from the spec")
+    result.meta["rollouts"] = str(rollouts or f"synthetic (ppo_math.synthetic_rollout, seed {result.meta['seed']})")
     return result
