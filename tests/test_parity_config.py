@@ -11,8 +11,10 @@ from nemo_rlhf.parity.config import CONFIGURABLE, EQUIVALENT, INCOMPARABLE, conf
 from nemo_rlhf.spec.loader import load_spec
 from tests.helpers import TINY, cli
 
-# The tiny recipe's large-scale batches set to the small-scale ones: only Adam's betas are left to align.
-ALIGNED = ["parallel.sft.global_batch_size=4", "parallel.rm.global_batch_size=4", "parallel.ppo.global_batch_size=4"]
+# The tiny recipe's large-scale batches set to the small-scale ones, and an untied model (our converter always
+# writes a separate output layer): only Adam's betas are left to align, in the configs.
+ALIGNED = ["parallel.sft.global_batch_size=4", "parallel.rm.global_batch_size=4", "parallel.ppo.global_batch_size=4",
+           "model.random.tie_word_embeddings=false"]
 
 
 def _write_configs(folder, spec, edit=None):
@@ -76,6 +78,9 @@ def test_spec_values_that_one_side_cannot_express():
     assert not checks["config/sft/batch"].passed and "global_batch_size=8" in checks["config/sft/batch"].extra["how"]
     # upstream's Adam beta2 0.98 vs TRL's 0.999, when the rendered configs are used as they are
     assert not checks["config/rm/adam"].passed
+    # a tied small-scale model against the untied .nemo our converter writes
+    tied = {c.name: c for c in config_parity(load_spec(TINY)).checks}["config/model/tied_embeddings"]
+    assert not tied.passed and "share_embeddings_and_output_weights: True" in tied.extra["how"]
 
 
 def test_cli_json_report_run_dir_and_exit_codes(aligned_spec, tmp_path):

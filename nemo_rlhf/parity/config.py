@@ -345,6 +345,36 @@ def _sft_truncation(s: Sides) -> Verdict:
                    "the NeMo-Aligner files are written from the same kept rows (`nemo-rlhf parity data`)")
 
 
+def _spec_ties_embeddings(spec: PipelineSpec) -> bool | None:
+    """Whether the small-scale model ties its input embedding and output layer (None: unknown here)."""
+    from nemo_rlhf.spec.architectures import model_dims
+
+    if spec.model.source == "random":
+        return bool(spec.model.random.tie_word_embeddings)
+    try:
+        return bool(model_dims(spec).tie_word_embeddings)
+    except UserError:
+        return None
+
+
+def _tied_embeddings(s: Sides) -> Verdict:
+    # nemo_rlhf.convert.model_config writes share_embeddings_and_output_weights: False for every model (Aligner's
+    # RM and critic request an output layer), copying a tied HF embedding into a separate output layer.
+    tied = _spec_ties_embeddings(s.spec)
+    nemo = "share_embeddings_and_output_weights=False (nemo-rlhf convert): two matrices"
+    if tied is None:
+        return Verdict(INCOMPARABLE, "unknown (model dimensions not in the spec)", nemo,
+                       "set model.arch so the check knows whether the model ties its embeddings")
+    if not tied:
+        return Verdict(EQUIVALENT, "tie_word_embeddings=False", nemo, "both train separate embedding and output "
+                       "matrices")
+    return Verdict(CONFIGURABLE, "tie_word_embeddings=True: one matrix, both gradients", nemo,
+                   "same logits, different training: megatron updates the embedding and the output layer apart "
+                   "(measured by `parity curves --stage sft`: step-2 loss 1e-4 apart, 3e-3 by step 4 at lr 1e-3)",
+                   "convert the SFT / actor model with share_embeddings_and_output_weights: True (no converter flag "
+                   "yet), or untie the HF model before the TRL run")
+
+
 def _rm_loss(s: Sides) -> Verdict:
     center = s.trl["rm"].get("center_rewards_coefficient")
     trl = f"-logsigmoid(r_c - r_r), mean over pairs; center_rewards_coefficient={center}"
@@ -356,6 +386,7 @@ def _rm_loss(s: Sides) -> Verdict:
 
 
 DIFFERENCES: tuple[Difference, ...] = (
+    Difference("model/tied_embeddings", "tied input embedding / output layer", _tied_embeddings),
     Difference("ppo/kl_estimator", "KL estimator", _kl_estimator),
     Difference("ppo/kl_coef", "KL coefficient", _kl_coef),
     Difference("ppo/advantage_whitening", "advantage whitening", _adv_whitening),

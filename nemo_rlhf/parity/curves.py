@@ -21,11 +21,15 @@ here (RM; SFT with untied embeddings). Measured on the tiny recipe (init std 0.1
 The SFT drift is NOT fp32 rounding: it is identical at TP=1 and TP=2 (1.087e-4 at step 2, 2.14e-3 at
 step 3, 3.106e-3 at step 4, absolute), shrinks with the learning rate (lr 1e-4: <= 4.1e-4 absolute over
 5 steps) and vanishes with untied embeddings (model.random.tie_word_embeddings=false: <= 6.7e-6 over 4
-steps): megatron-core and HF/TRL update the TIED embedding/output weight differently. The cause is not
-isolated yet (megatron's shared-weight gradient path: language_module zero_out_wgrad and the DDP
-main_grad hook are the suspects); results carry `tied_embeddings` so the reader knows.
-CURVE_RTOL = 1e-3 sits 3x above that drift over a few steps at lr 1e-3 and 10x below what a wrong data
-order does; over many steps or at higher learning rates the tied-embedding drift will exceed it.
+steps). Cause: our converter writes `share_embeddings_and_output_weights: False` (a copy of the tied
+embedding as a separate output layer), so megatron trains two matrices where HF/TRL trains one: on
+step 1 the embedding gradients differ by up to 0.097 (largest |gradient| 0.27), every vocabulary row.
+Same logits, different training: `parity config` reports it (`model/tied_embeddings`) and results
+here carry `tied_embeddings`.
+CURVE_RTOL = 1e-4 sits ~150x above what equal updates give over these steps (RM 3e-7, untied SFT 6e-7
+relative), 100x below what a wrong data order does, and below the tied-embedding drift (2.8e-4 by
+step 3), which fails, as it should: it is a real difference. Long runs amplify rounding chaotically, so
+the bound is for a few steps (the CLI's default is 4).
 TRL's configs default to bf16=True (autocast on CPU too): the TRL side sets bf16=False, or step 1
 alone differs by 4e-3 (RM) / 2e-4 (SFT).
 """
@@ -43,11 +47,11 @@ from nemo_rlhf.parity.losses import bradley_terry
 from nemo_rlhf.parity.report import Check, ParityResult
 from nemo_rlhf.spec.schema import PipelineSpec
 
-CURVE_RTOL = 1e-3
-CURVE_MEASURED = ("measured: SFT <= 3.5e-4 (tied embeddings; untied <= 1e-6), RM <= 3e-7 over 6 steps, a shuffled "
-                  "order >= 1e-2")
+CURVE_RTOL = 1e-4
+CURVE_MEASURED = ("measured over 4-6 steps: RM <= 3e-7, untied SFT <= 6e-7; tied SFT vs our untied .nemo 2.8e-4; "
+                  "a shuffled order >= 1e-2")
 STEP0_BASIS = "step 1 is computed before any update: the loss-parity bound (parity.loss.TOLERANCE_BASIS)"
-CURVE_BASIS = f"{CURVE_RTOL:g} x max(1, |TRL loss|) per step: fp32 gradient rounding amplified by Adam ({CURVE_MEASURED})"
+CURVE_BASIS = f"{CURVE_RTOL:g} x max(1, |TRL loss|) per step ({CURVE_MEASURED})"
 ADAM = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 
 
