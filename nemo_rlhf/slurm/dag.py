@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from nemo_rlhf.atomic_file import write_text_atomic
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.lineage.manifest import MANIFEST, now_iso
 from nemo_rlhf.slurm import sbatch
@@ -90,14 +90,8 @@ def read_jobs(run_dir: Path) -> dict:
 
 def write_jobs(run_dir: Path, record: dict) -> None:
     """Write jobs.json atomically (temporary file + rename): readers never see half a file."""
-    path = jobs_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**record, "stages": [asdict(s) for s in record["stages"]]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".jobs.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(jobs_path(run_dir), json.dumps(data, indent=2) + "\n")
 
 
 def stage_finished(run_dir: Path, name: str) -> bool:
