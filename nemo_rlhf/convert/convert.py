@@ -2,8 +2,12 @@
 
 Both directions are driven by the family's tables (plus `reward_head`'s row for a reward model).
 
-HF -> NeMo reads the safetensors memory-mapped and produces each Megatron tensor (all layers
-of one weight, stacked) only when the checkpoint writer asks for it. NeMo -> HF reads one
+HF -> NeMo plans every Megatron tensor (all layers of one weight, stacked) from the headers,
+as chunks that are each a block of rows of one source tensor (the kind's `pieces`), and maps
+each chunk's rows of the safetensors file only when the checkpoint writer asks for it: the
+bytes go from the source's pages to the output with no copy in between, and about one chunk
+is mapped at a time (bench/bench_convert.py: the I/O floor's time, a fraction of its memory).
+NeMo -> HF reads one
 stacked tensor at a time through the same table backwards and drops padded vocabulary rows.
 Both check completeness: an HF tensor the table does not know, a Megatron tensor the table
 does not know, or a source tensor left unused is an error, never a silent skip.
