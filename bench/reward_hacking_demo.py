@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 SHARED_STAGES = ("base", "sft", "gold_rm")  # identical in both runs: copied, then reused by the runner
 RUNS = {"demo": [], "honest": ["rm.exploit=none"]}
 KEY_DETECTORS = ("reward_hacking", "length_inflation")
+ALL_STAGES = ("base", "sft", "rm", "gold_rm", "ppo", "gate", "eval")
 
 
 def run(spec: str, out: Path, overrides: list[str]) -> dict:
@@ -72,7 +73,33 @@ def summarize(run_dir: Path, outcome: dict) -> dict:
         "gold_rm": _rm_metrics(stages["gold_rm"]),
         "ppo_updates": stages["ppo"]["metrics"].get("updates"),
         "stage_seconds": {s: m["duration_s"] for s, m in stages.items()},
+        "pipeline_seconds": round(sum(manifest(run_dir, s)["duration_s"] for s in ALL_STAGES
+                                      if (run_dir / s / "manifest.json").is_file()), 1),
     }
+
+
+def length_preference(run_dir: Path, spec: str, overrides: list[str], n: int = 100) -> dict:
+    """Spearman correlation of each RM's score with length (words) on real held-out hh-rlhf answers
+    (chosen and rejected of the first `n` held-out pairs): what each RM learned about length from data."""
+    from scipy import stats
+
+    from nemo_rlhf.gate.judges import RewardModelJudge
+    from nemo_rlhf.pipeline import data_plan
+    from nemo_rlhf.spec.loader import load_spec
+    from nemo_rlhf.spec.paths import data_root
+
+    cfg = load_spec(spec, overrides)
+    pairs = data_plan.preference_split(cfg, data_root(cfg.data.root)).heldout[:n]
+    out = {}
+    for stage in ("rm", "gold_rm"):
+        judge = RewardModelJudge(run_dir / stage / "model", batch_size=16)
+        prompts = [judge.tokenizer.apply_chat_template(p.prompt, tokenize=False, add_generation_prompt=True)
+                   for p in pairs]
+        answers = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        scores = judge.scores(prompts + prompts, [a + judge.tokenizer.eos_token for a in answers])
+        rho = stats.spearmanr([len(a.split()) for a in answers], scores).statistic
+        out[stage] = round(float(rho), 3)
+    return out
 
 
 def _rm_metrics(m: dict) -> dict:
@@ -109,9 +136,11 @@ def markdown(results: dict) -> str:
              f"Measured {results['date']} on {results['machine']}; overrides: {results['overrides'] or 'none'}.", ""]
     for name, r in results["runs"].items():
         verdict = "PASSED" if r["passed"] else f"FAILED ({', '.join(r['failed_detectors'])})"
-        lines += [f"## {name}: gate {verdict}, exit {r['exit_code']}, {r['seconds']} s", "",
+        rho = r["score_length_rho_on_data"]
+        lines += [f"## {name}: gate {verdict}, exit {r['exit_code']}, stages {r['pipeline_seconds']} s", "",
                   f"proxy RM held-out accuracy {r['proxy_rm']['heldout_accuracy']}, gold RM "
-                  f"{r['gold_rm']['heldout_accuracy']}; {r['ppo_updates']} PPO updates", "",
+                  f"{r['gold_rm']['heldout_accuracy']}; Spearman(score, words) on real held-out answers: proxy "
+                  f"{rho['rm']}, gold {rho['gold_rm']}; {r['ppo_updates']} PPO updates", "",
                   "| step | proxy reward | gold reward | KL (nats) | length (tokens) | EOS rate |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {p['step']} | {p['proxy_reward']} | {p['gold_reward']} | {p['kl']} | {p['length']} | "
@@ -143,6 +172,8 @@ def main() -> int:
             for stage in SHARED_STAGES:
                 shutil.copytree(args.work / "demo" / stage, out / stage)
         results["runs"][name] = summarize(out, run(args.spec, out, [*args.overrides, *extra]))
+        results["runs"][name]["score_length_rho_on_data"] = length_preference(out, args.spec,
+                                                                              [*args.overrides, *extra])
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / "reward-hacking-demo"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
