@@ -4,7 +4,8 @@ Per checkpoint: GSM8K exact match on a fixed slice of the real test set (greedy)
 held-out hh-rlhf prompts (sampled at temperature 1 with a fixed seed) the mean score of
 the trained reward model, the response length, the EOS rate and the KL to the reference
 policy (the SFT model: the anchor PPO was constrained to), estimated as the mean over
-responses of sum_t log pi(y_t) - log pi_ref(y_t). The full gate is a later stage.
+responses of sum_t log pi(y_t) - log pi_ref(y_t). `nemo-rlhf eval --run-dir` gates these
+files; the pipeline's own gate stage (with ppo.sample_every) gates PPO's checkpoint samples.
 """
 
 from __future__ import annotations
