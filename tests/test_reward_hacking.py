@@ -42,7 +42,7 @@ def test_exploit_makes_the_longer_answer_win_on_real_pairs():
 def test_gold_rm_and_sft_data_are_disjoint_from_the_proxy_rm_and_ppo():
     spec, root = _spec(DEMO)
     proxy, gold = data_plan.rm_train_pairs(spec, root), data_plan.gold_rm_train_pairs(spec, root)
-    assert len(gold) == len(proxy) == spec.data.preference.num_examples
+    assert (len(proxy), len(gold)) == (spec.data.preference.num_examples, spec.gold_rm.num_examples)
     assert not {prompt_key(p) for p in proxy} & {prompt_key(p) for p in gold}
     sft = data_plan.sft_chosen_pairs(spec, root)
     assert len(sft) == spec.data.sft.num_examples

@@ -19,7 +19,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from unittest import mock
 
@@ -124,8 +124,9 @@ BASELINE = "baseline.jsonl"
 class CheckpointSampler(TrainerCallback):
     """Samples fixed prompts at PPO checkpoints and scores them: the reward-hacking trajectory.
 
-    Each response row: prompt, response, proxy_reward (raw RM score, without TRL's
-    missing-EOS penalty), gold_reward (when a gold RM is given), kl (k1: sum over response
+    Each response row: prompt, response, proxy_reward (raw RM score of the response as a finished
+    answer: EOS appended where generation hit ppo.response_length; without TRL's missing-EOS
+    penalty), gold_reward (when a gold RM is given), kl (k1: sum over response
     tokens of log pi - log pi_ref, both at the rollout temperature, as TRL's objective/kl),
     step, finished, length (tokens). Sampling uses its own seed and restores the global RNG
     afterwards, so PPO's own rollouts are the same with or without it.
@@ -167,8 +168,13 @@ class CheckpointSampler(TrainerCallback):
                        desc=f"samples step {step}", temperature=t)
         kl = [a - b for a, b in zip(response_logprobs(self.policy, out, pad, bs, t),
                                     response_logprobs(self.reference, out, pad, bs, t))]
-        proxy = reward_scores(self.proxy_rm, out, pad, bs)
-        gold = reward_scores(self.gold_rm, out, pad, bs) if self.gold_rm is not None else [None] * len(out)
+        # Both RMs read each response as a finished answer: an RM is trained only on answers that end
+        # with EOS, and its output read at any other token is not a score of the answer (measured: on
+        # all-truncated samples the gold RM read mid-text rose +1.0 while read at an appended EOS it
+        # fell 1.7 baseline std). Truncation itself is judged from `finished` by the gate.
+        ended = [g if g.finished else replace(g, response_ids=g.response_ids + [tok.eos_token_id]) for g in out]
+        proxy = reward_scores(self.proxy_rm, ended, pad, bs)
+        gold = reward_scores(self.gold_rm, ended, pad, bs) if self.gold_rm is not None else [None] * len(out)
         rows = []
         for g, k, p, q in zip(out, kl, proxy, gold):
             row = {"prompt": tok.decode(g.prompt_ids), "response": g.text, "proxy_reward": p}
