@@ -19,6 +19,11 @@ class Generated:
     finished: bool  # ended with EOS within the token budget
 
 
+def compute_device() -> torch.device:
+    """Where evaluation runs: the first GPU when there is one (as the TRL stages train), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _batches(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -48,8 +53,8 @@ def generate(
     out: list[Generated] = []
     for batch in tqdm(list(_batches(prompts, batch_size)), desc=desc, leave=False):
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device)
         options = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
         result = model.generate(
             input_ids=ids,
@@ -67,10 +72,10 @@ def generate(
     return out
 
 
-def _right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     return ids, mask
 
 
@@ -81,7 +86,7 @@ def response_logprobs(
     """Sum over response tokens of log p(token | prefix) under `model` (logits / `temperature`, as TRL's PPO)."""
     totals = []
     for batch in _batches(items, batch_size):
-        ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad)
+        ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logprobs = torch.log_softmax(logits / temperature, dim=-1)
         token_lp = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
@@ -96,10 +101,10 @@ def reward_scores(reward_model, items: list[Generated], pad: int, batch_size: in
     """The reward model's scalar for each prompt + response (read at the last real token)."""
     scores = []
     for batch in _batches(items, batch_size):
-        ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad)
+        ids, mask = _right_padded([g.prompt_ids + g.response_ids for g in batch], pad, reward_model.device)
         last = mask.sum(dim=1) - 1
         logits = reward_model(input_ids=ids, attention_mask=mask).logits  # [B, 1] at the last non-pad token
         if logits.dim() == 3:
-            logits = logits[torch.arange(len(batch)), last]
+            logits = logits[torch.arange(len(batch), device=last.device), last]
         scores += logits.squeeze(-1).float().tolist()
     return scores

@@ -182,11 +182,11 @@ def checkpoint_responses(
     from transformers import AutoModelForCausalLM
 
     from nemo_rlhf.data.examples import build_prompt_rows
-    from nemo_rlhf.generation import generate
+    from nemo_rlhf.generation import compute_device, generate
     from nemo_rlhf.stages.training import load_tokenizer
 
     tokenizer = load_tokenizer(Path(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(compute_device())
     messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     prompt_rows, _ = build_prompt_rows(tokenizer, messages, 1 << 20)
     out = generate(

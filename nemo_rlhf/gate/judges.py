@@ -34,6 +34,8 @@ class RewardModelJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from nemo_rlhf.generation import compute_device
+
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise UserError(
@@ -48,6 +50,7 @@ class RewardModelJudge:
         self.tokenizer.padding_side = "right"
         self.tokenizer.truncation_side = "left"  # the score is read at the end: keep the response
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).eval()
+        self.model.to(compute_device())
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         # Never past the model's positions: a longer text would index past its position table.
         positions = getattr(self.model.config, "max_position_embeddings", None) or getattr(
@@ -81,7 +84,7 @@ class RewardModelJudge:
                     max_length=self.max_length,
                     add_special_tokens=False,
                 )
-                logits = self.model(**enc).logits.float().squeeze(-1)
+                logits = self.model(**enc.to(self.model.device)).logits.float().squeeze(-1)
                 self._cache.update(zip(batch, logits.tolist()))
         return [self._cache[(p, r)] for p, r in zip(prompts, responses)]
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from nemo_rlhf.data.examples import build_prompt_rows
 from nemo_rlhf.data.jsonl import write_jsonl_atomic
 from nemo_rlhf.gate.capability import exact_match
-from nemo_rlhf.generation import generate, response_logprobs, reward_scores
+from nemo_rlhf.generation import compute_device, generate, response_logprobs, reward_scores
 from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.plotting import plot_eval_summary, plot_length_histogram
 from nemo_rlhf.spec.paths import data_path
@@ -63,17 +63,18 @@ class EvalStage:
         math_prompts = [r["input_ids"] for r in math_rows]
         chat_prompts = [r["input_ids"] for r in chat_rows[: spec.data.eval.hh_num]]
         dtype = torch_dtype(ctx)
-        reference = AutoModelForCausalLM.from_pretrained(ctx.parents[REFERENCE] / MODEL_DIR, dtype=dtype)
+        device = compute_device()
+        reference = AutoModelForCausalLM.from_pretrained(ctx.parents[REFERENCE] / MODEL_DIR, dtype=dtype).to(device)
         reward_model = AutoModelForSequenceClassification.from_pretrained(
             ctx.parents["rm"] / MODEL_DIR, num_labels=1, dtype=dtype
-        )
+        ).to(device)
         reward_model.config.pad_token_id = tokenizer.pad_token_id
         results, lengths, responses = {}, {}, {}
         for name in CHECKPOINTS:
             model = (
                 reference
                 if name == REFERENCE
-                else AutoModelForCausalLM.from_pretrained(ctx.parents[name] / MODEL_DIR, dtype=dtype)
+                else AutoModelForCausalLM.from_pretrained(ctx.parents[name] / MODEL_DIR, dtype=dtype).to(device)
             )
             ctx.log(f"[eval] {name}: {len(math_prompts)} GSM8K + {len(chat_prompts)} hh-rlhf prompts")
             math_out = generate(
