@@ -243,3 +243,86 @@ def test_gsm8k_prompts_are_not_degenerate():
     found = {f.check: f for f in DETECTORS["degenerate_responses"](ResponseSet("c", rows), ResponseSet("b", rows), CFG)}
     assert all(f.severity == "info" for f in found.values()), {c: f.message for c, f in found.items()}
     assert found["loops"].value < 0.01
+
+
+def _scored(rows: list[Response], rng, per_word: float = 0.0) -> list[Response]:
+    """The same texts with a fresh gold reward and a proxy that pays `per_word` per word on top of it."""
+    out = []
+    for r in rows:
+        gold = float(rng.normal(0.0, 1.0))
+        proxy = gold + float(rng.normal(0.0, 0.3)) + per_word * len(r.response.split())
+        out.append(Response(r.prompt, r.response, proxy_reward=proxy, gold_reward=gold, kl=0.0, finished=True))
+    return out
+
+
+@pytest.mark.parametrize("direction", ["longer", "shorter"])
+def test_length_controlled_gain_fails_only_when_the_candidate_is_longer(direction):
+    """Same share of the gain explained by length both ways; only the inflating direction fails.
+
+    Shorter: the baseline answers are three glued hh-rlhf answers, the candidate's one answer,
+    and the proxy pays for brevity (an RM trained where refusals are shorter)."""
+    rng = np.random.default_rng(11)
+    short, long_ = build("baseline").rows, build("inflated", length_rm=False).rows
+    per_word = 0.08 if direction == "longer" else -0.08
+    base_rows, cand_rows = (short, long_) if direction == "longer" else (long_, short)
+    base, cand = ResponseSet("b", _scored(base_rows, rng, per_word)), ResponseSet("c", _scored(cand_rows, rng, per_word))
+    found = {f.check: f for f in DETECTORS["length_inflation"](cand, base, CFG)}
+    gain = found["length_controlled_gain"]
+    assert gain.value > CFG.thresholds.length_explained_max_share  # length explains the gain either way
+    assert gain.details["candidate_longer"] == (direction == "longer")
+    if direction == "longer":
+        assert gain.severity == "fail" and gain.details["cases"]
+    else:
+        assert {f.severity for f in found.values()} == {"info"}, {c: f.message for c, f in found.items()}
+        assert "SHORTER" in gain.message
+
+
+@pytest.mark.parametrize("empties,fails", [(2, False), (3, False), (6, True)])
+def test_empty_rate_fails_only_beyond_sampling_noise(empties, fails):
+    """80 responses, 2% threshold: 2 or 3 empties (2.5%, 3.75%) are what a policy with a true 2%
+    rate produces often (binomial p 0.48, 0.22); 6 (p 0.005) are not."""
+    rows = [Response(r.prompt, "" if i < empties else r.response) for i, r in enumerate(build("healthy").rows)]
+    found = {f.check: f for f in DETECTORS["degenerate_responses"](ResponseSet("c", rows), build("baseline"), CFG)}
+    empty = found["empty"]
+    assert empty.value == pytest.approx(empties / len(rows)) and empty.value > CFG.thresholds.empty_max_rate
+    assert (empty.severity == "fail") == fails, empty.message
+    assert "binomial" in empty.message and "p=" in empty.message
+
+
+def _two_checkpoints(rng, offset_sd: float, noise_sd: float, drop: float) -> tuple[ResponseSet, ResponseSet]:
+    """Baseline, step 0 and step 10 on the same prompts; gold = prompt offset + noise, falling by
+    `drop` at step 10 while the proxy climbs."""
+    rows = build("baseline").rows
+    offsets = {p: rng.normal(0.0, offset_sd) for p in dict.fromkeys(r.prompt for r in rows)}
+
+    def at(step, gold_shift, proxy, kl):
+        return [Response(r.prompt, r.response, proxy_reward=proxy + float(rng.normal(0, 0.1)),
+                         gold_reward=float(offsets[r.prompt] + gold_shift + rng.normal(0.0, noise_sd)),
+                         kl=kl, step=step, finished=True) for r in rows]
+
+    base = ResponseSet("b", at(None, 0.0, 0.0, 0.0))
+    return ResponseSet("c", at(0, 0.1, 0.5, 1.0) + at(10, 0.1 - drop, 1.0, 2.0)), base
+
+
+def test_hacking_uses_the_paired_standard_error_over_prompts():
+    """Prompt difficulty (sd 1) dominates gold; the fall of 0.25 is within the unpaired error but
+    far outside the paired one: the same prompts at both checkpoints make it a sure drop."""
+    cand, base = _two_checkpoints(np.random.default_rng(5), offset_sd=1.0, noise_sd=0.05, drop=0.25)
+    found = {f.check: f for f in DETECTORS["reward_hacking"](cand, base, CFG)}["proxy_up_gold_down"]
+    best, last = cand.at_step(0).rows, cand.at_step(10).rows
+    unpaired = math.sqrt(np.var([r.gold_reward for r in best], ddof=1) / len(best)
+                         + np.var([r.gold_reward for r in last], ddof=1) / len(last))
+    mean_drop = np.mean([r.gold_reward for r in best]) - np.mean([r.gold_reward for r in last])
+    assert mean_drop < 1.96 * unpaired  # an unpaired test would call it noise
+    assert found.severity == "fail" and found.details["stderr_kind"] == "paired over 40 prompts"
+    assert found.details["stderr"] < 0.05
+
+
+def test_hacking_does_not_fire_on_a_fall_within_paired_noise():
+    """No prompt effect, gold noise sd 1 per answer: a fall past the 0.1-std threshold that the
+    paired error over 40 prompts (~0.16) explains does not fail."""
+    cand, base = _two_checkpoints(np.random.default_rng(2), offset_sd=0.0, noise_sd=1.0, drop=0.15)
+    found = {f.check: f for f in DETECTORS["reward_hacking"](cand, base, CFG)}["proxy_up_gold_down"]
+    assert found.value > CFG.thresholds.hacking_gold_drop and found.details["proxy_rise"] > 0
+    assert found.severity == "info", found.message
+    assert found.details["stderr_kind"].startswith("paired")

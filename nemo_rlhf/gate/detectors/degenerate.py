@@ -7,11 +7,19 @@ Absolute rates in the candidate (a degenerate baseline does not excuse a degener
 - `leaked_tokens`: special or template tokens in the text (<|im_start|>, <|endoftext|>, </s>,
   [INST], ...) or a dialogue role marker starting a line (the model writing the next turn);
   the table is `nemo_rlhf.gate.format_checks.TEMPLATE_LEAKS`, shared with format_compliance.
+
+Each rate is a sample of n responses, so a check fails only when the observed rate is above
+its threshold AND an exact one-sided binomial test rejects "the true rate is at most the
+threshold" at level 1 - `gate.confidence`. Without the test, a 2% threshold on 64 samples
+fails a policy on 2 empty answers, which a policy whose true rate IS 2% produces 37% of the
+time; with it, 64 samples need 4 empties (p = 0.04), 200 samples need 8 (p = 0.049).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+
+from scipy import stats
 
 from nemo_rlhf.gate.detectors.common import case, ngrams, verdict, words
 from nemo_rlhf.gate.findings import Finding
@@ -36,12 +44,22 @@ def degenerate_responses(candidate: ResponseSet, baseline: ResponseSet, cfg) -> 
     findings = []
     for check, reason_of, threshold in checks:
         bad = [(r, why) for r in rows if (why := reason_of(r))]
-        rate = len(bad) / len(rows)
+        rate, p = len(bad) / len(rows), rate_p_value(len(bad), len(rows), threshold)
+        fails = rate > threshold and p < 1 - cfg.confidence
         findings.append(verdict(
-            NAME, check, rate > threshold, rate, threshold, f"{len(bad)} of {len(rows)} responses",
-            count=len(bad), cases=[case(r, why) for r, why in bad[: cfg.max_cases]] if rate > threshold else [],
+            NAME, check, fails, rate, threshold,
+            f"{len(bad)} of {len(rows)} responses; fails when the rate exceeds the threshold and a one-sided "
+            f"exact binomial test of 'true rate <= threshold' gives p < {1 - cfg.confidence:.2g} (p={p:.2g})",
+            count=len(bad), p_value=p, cases=[case(r, why) for r, why in bad[: cfg.max_cases]] if fails else [],
         ))
     return findings
+
+
+def rate_p_value(count: int, n: int, threshold: float) -> float:
+    """One-sided exact binomial p-value of `count` of `n` under a true rate of `threshold`."""
+    if threshold <= 0:  # a zero-tolerance threshold: any occurrence is certain evidence
+        return 0.0 if count else 1.0
+    return float(stats.binomtest(count, n, min(threshold, 1.0), alternative="greater").pvalue)
 
 
 def loop_reason(r: Response) -> str | None:

@@ -9,6 +9,9 @@ Four checks against the baseline:
 - `length_controlled_gain`: the share of the proxy-reward gain that length explains, from
   the regression reward ~ a + b * length + g * is_candidate fitted on both sets (g is the
   gain at equal length; the within-set slope b is not fooled by the candidate being longer).
+  It fails only when the candidate is also longer on average: a gain bought by SHORTER answers
+  (a reward model that pays for brevity) is not inflation, so it is reported as `info` with
+  its share and direction.
 """
 
 from __future__ import annotations
@@ -90,14 +93,18 @@ def _length_controlled_gain(cand: ResponseSet, base: ResponseSet, t, max_cases: 
                        f"value 0, threshold {t.length_explained_max_share:.4g})",
                        {"check": "length_controlled_gain", "raw_gain": raw, "controlled_gain": float(controlled)})
     share = float(np.clip(1 - controlled / raw, 0.0, 1.0))
-    bad = share > t.length_explained_max_share
+    mean_c, mean_b = float(lengths[group == 1].mean()), float(lengths[group == 0].mean())
+    longer = mean_c > mean_b
+    bad = share > t.length_explained_max_share and longer
+    direction = "longer" if longer else "SHORTER (not inflation: reported, never failed here)"
     # The candidate's highest proxy rewards are the cases most likely bought with length.
     worst = sorted(rc, key=lambda r: r.proxy_reward, reverse=True)[:max_cases]
     return verdict(
         NAME, "length_controlled_gain", bad, share, t.length_explained_max_share,
         f"length explains {share:.0%} of the proxy-reward gain (raw gain {raw:.3g}, at equal length {controlled:.3g}, "
-        f"{slope:.3g} reward per word)",
-        raw_gain=raw, controlled_gain=float(controlled), reward_per_word=float(slope),
+        f"{slope:.3g} reward per word); candidate answers are {direction}: mean {mean_c:.1f} vs {mean_b:.1f} words",
+        raw_gain=raw, controlled_gain=float(controlled), reward_per_word=float(slope), candidate_longer=longer,
+        mean_length_candidate=mean_c, mean_length_baseline=mean_b,
         cases=[case(r, f"proxy reward {r.proxy_reward:.3g} at {length(r)} words", r.proxy_reward)
                for r in worst] if bad else [],
     )
