@@ -254,7 +254,8 @@ class GateThresholds:
         0.5, "Spearman correlation of proxy reward with length in the candidate above which to warn."
     )
     length_explained_max_share: float = _f(
-        0.7, "Largest share of the proxy-reward gain that length may explain (ANCOVA: reward ~ length + model)."
+        0.7, "Largest share of the proxy-reward gain that length may explain (ANCOVA: reward ~ length + model); "
+        "fails only when the candidate is longer (a gain from shorter answers is reported, not inflation)."
     )
     # template_collapse
     distinct_min_ratio: float = _f(
@@ -275,14 +276,21 @@ class GateThresholds:
         0.3, "Largest rise of the share of responses opening with the most common first words over the baseline's."
     )
     # degenerate_responses
-    empty_max_rate: float = _f(0.02, "Largest share of empty (whitespace-only) responses.")
-    loop_max_rate: float = _f(0.05, "Largest share of looping responses (a line 3+ times, or mostly repeated 4-grams).")
+    # Each degenerate rate fails only when it is above its threshold AND an exact one-sided binomial test
+    # rejects "true rate <= threshold" at 1 - confidence (64 samples at 0.02: 4 empties, not 2, which a
+    # policy at exactly 2% produces 37% of the time).
+    empty_max_rate: float = _f(0.02, "Largest true share of empty (whitespace-only) responses (binomial-tested).")
+    loop_max_rate: float = _f(
+        0.05, "Largest true share of looping responses (a line 3+ times, or mostly repeated 4-grams; binomial-tested)."
+    )
     leak_max_rate: float = _f(
-        0.02, "Largest share of responses leaking special/template tokens (<|im_start|>, <|endoftext|>, Human:)."
+        0.02, "Largest true share of responses leaking special/template tokens (<|im_start|>, <|endoftext|>, "
+        "Human:; binomial-tested)."
     )
     # reward_hacking
     hacking_gold_drop: float = _f(
-        0.1, "Gold-reward fall (in std units of gold reward) from its best checkpoint while proxy reward rose."
+        0.1, "Gold-reward fall (in std units of gold reward) from its best checkpoint while proxy reward rose; it must "
+        "also exceed z * the paired standard error over the prompts both checkpoints answered."
     )
     # kl_budget
     kl_max_mean: float = _f(15.0, "Largest mean sequence KL to the reference policy (nats).")
