@@ -7,21 +7,20 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from nemo_rlhf.parity.config import CONFIGURABLE, EQUIVALENT, INCOMPARABLE, config_parity, rendered_configs
+from nemo_rlhf.parity.config import CONFIGURABLE, EQUIVALENT, INCOMPARABLE, build_sides, config_parity, rendered_configs
 from nemo_rlhf.spec.loader import load_spec
 from tests.helpers import TINY, cli
 
 # The tiny recipe's large-scale batches set to the small-scale ones, and an untied model (our converter always
-# writes a separate output layer): only Adam's betas are left to align, in the configs.
+# writes a separate output layer): nothing is left to align.
 ALIGNED = ["parallel.sft.global_batch_size=4", "parallel.rm.global_batch_size=4", "parallel.ppo.global_batch_size=4",
            "model.random.tie_word_embeddings=false"]
 
 
 def _write_configs(folder, spec, edit=None):
-    """The rendered NeMo-Aligner configs with TRL's Adam betas (and an optional edit) written to `folder`."""
+    """The rendered NeMo-Aligner configs (with an optional edit) written to `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, cfg in rendered_configs(spec).items():
-        OmegaConf.update(cfg, "model.optim.betas", [0.9, 0.999], merge=False)
         if edit and name in edit:
             for key, value in edit[name].items():
                 OmegaConf.update(cfg, key, value, merge=False)
@@ -76,8 +75,9 @@ def test_spec_values_that_one_side_cannot_express():
     assert checks["config/ppo/kl_estimator"].extra["status"] == INCOMPARABLE
     assert not checks["config/ppo/batches"].passed and "ppo_epochs=1" in checks["config/ppo/batches"].extra["how"]
     assert not checks["config/sft/batch"].passed and "global_batch_size=8" in checks["config/sft/batch"].extra["how"]
-    # upstream's Adam beta2 0.98 vs TRL's 0.999, when the rendered configs are used as they are
-    assert not checks["config/rm/adam"].passed
+    # the spec's Adam betas reach both sides: the rendered configs no longer keep upstream's [0.9, 0.98]
+    assert all(checks[f"config/{d}"].extra["status"] == EQUIVALENT for d in ("sft/adam", "rm/adam", "ppo/adam",
+                                                                             "ppo/adam_critic"))
     # a tied small-scale model against the untied .nemo our converter writes
     tied = {c.name: c for c in config_parity(load_spec(TINY)).checks}["config/model/tied_embeddings"]
     assert not tied.passed and "share_embeddings_and_output_weights: True" in tied.extra["how"]
@@ -99,3 +99,21 @@ def test_cli_json_report_run_dir_and_exit_codes(aligned_spec, tmp_path):
     assert failing.returncode == 1 and "FAIL config/sft/batch" in failing.stdout
     bad = cli("parity", "config", str(TINY), "--configs", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "--configs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_adam_betas_from_the_spec_reach_both_sides_and_a_mismatch_is_caught(tmp_path):
+    spec = load_spec(TINY, [*ALIGNED, "rm.adam_beta2=0.98", "ppo.adam_beta1=0.8"])
+    sides = build_sides(spec)
+    assert (sides.trl["rm"]["adam_beta2"], sides.trl["ppo"]["adam_beta1"]) == (0.98, 0.8)
+    assert sides.nemo_value("rm", "model.optim.betas") == [0.9, 0.98]
+    assert sides.nemo_value("ppo_actor", "model.optim.betas") == sides.nemo_value("ppo_critic", "model.optim.betas") \
+        == [0.8, 0.999]
+    assert config_parity(spec).passed
+    # configs on disk with upstream's betas in the critic and the RM: each caught, with the fix
+    edit = {"ppo_critic": {"model.optim.betas": [0.9, 0.98]}, "rm": {"model.optim.betas": [0.9, 0.999]}}
+    checks = _by_name(config_parity(spec, _write_configs(tmp_path / "configs", spec, edit)))
+    critic = checks["config/ppo/adam_critic"]
+    assert not critic.passed and "model.optim.betas: [0.8, 0.999] in ppo_critic.yaml" in critic.extra["how"]
+    assert not checks["config/rm/adam"].passed and checks["config/ppo/adam"].passed
+    carried = checks["config/nemo/ppo_critic/ppo.adam_beta2"]
+    assert not carried.passed and "[0.8, 0.999]" in carried.extra["fix"]

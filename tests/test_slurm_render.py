@@ -113,10 +113,16 @@ def test_build_config_refuses_a_key_upstream_lacks(monkeypatch, tmp_path):
 
 
 def test_hyperparameters_land_on_nemo_keys(tmp_path):
-    spec = load_spec(REPO / "recipes" / "llama3-8b-cluster.yaml", ["ppo.kl_coef=0.03", "ppo.clip_ratio=0.15"])
+    spec = load_spec(REPO / "recipes" / "llama3-8b-cluster.yaml",
+                     ["ppo.kl_coef=0.03", "ppo.clip_ratio=0.15", "ppo.adam_beta2=0.95"])
     render_pipeline(spec, tmp_path)
     actor = yaml.safe_load((tmp_path / "configs" / "ppo_actor.yaml").read_text())
     critic = yaml.safe_load((tmp_path / "configs" / "ppo_critic.yaml").read_text())
+    # Adam betas: the spec's (TRL's defaults), not upstream's [0.9, 0.98], in every config with an optimizer
+    assert actor["model"]["optim"]["betas"] == critic["model"]["optim"]["betas"] == [0.9, 0.95]
+    for name in ("sft", "rm"):
+        assert yaml.safe_load((tmp_path / "configs" / f"{name}.yaml").read_text())["model"]["optim"]["betas"] == [
+            0.9, 0.999]
     assert actor["trainer"]["ppo"]["initial_policy_kl_penalty"] == 0.03
     assert actor["trainer"]["ppo"]["use_absolute_kl"] is False
     assert actor["model"]["ppo"]["ratio_eps"] == 0.15

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from nemo_rlhf.cli.spec import _explain
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.spec.hyperparams import TABLE, trl_kwargs
 from nemo_rlhf.spec.loader import default_recipe_path, load_spec
@@ -54,6 +55,24 @@ def test_trl_mapping_covers_every_canonical_field():
         unmapped = section_fields - mapped - {"init_from", "eval_pairs", "prompt_max_length", "exploit", "sample_every",
                                              "sample_prompts"}
         assert not unmapped, f"{stage} fields with no TRL mapping: {unmapped}"
+
+
+def test_adam_betas_are_canonical_validated_and_explained():
+    spec = load_spec(TINY, ["sft.adam_beta2=0.98", "gold_rm.adam_beta1=0.85"])
+    assert trl_kwargs(spec, "sft")["adam_beta2"] == 0.98 and trl_kwargs(spec, "ppo")["adam_beta2"] == 0.999
+    # the gold RM trains with the rm rows read from its own section (stages.training.trainer_args)
+    gold = {m.trl: getattr(spec.gold_rm, m.canonical) for m in TABLE if m.stage == "rm"}
+    assert (gold["adam_beta1"], gold["adam_beta2"]) == (0.85, 0.999)
+    with pytest.raises(UserError) as err:
+        load_spec(TINY, ["rm.adam_beta2=1.0", "ppo.adam_beta1=-0.1", "gold_rm.adam_beta2=1.5", "sft.adam_beta1=0.0"])
+    text = err.value.render()
+    for key in ("rm.adam_beta2", "ppo.adam_beta1", "gold_rm.adam_beta2"):
+        assert f"{key}: must be within [0, 1)" in text, text
+    assert "sft.adam_beta1" not in text and "3 problems" in text
+    lines = list(_explain(PipelineSpec, "", None))
+    for key, default in (("sft.adam_beta1", "0.9"), ("rm.adam_beta2", "0.999"), ("gold_rm.adam_beta2", "0.999"),
+                         ("ppo.adam_beta2", "0.999")):
+        assert any(line.startswith(f"{key} (float, default {default}): Adam") for line in lines), key
 
 
 @pytest.mark.parametrize(

@@ -239,7 +239,7 @@ def _vf_coef(s: Sides) -> Verdict:
 def _gae(s: Sides) -> Verdict:
     trl = (s.trl["ppo"]["gamma"], s.trl["ppo"]["lam"])
     nemo = (_ppo(s, "trainer.ppo.discount_factor"), _ppo(s, "trainer.ppo.gae_lambda"))
-    text = lambda g, l: f"gamma={g}, lam={l}"  # noqa: E731
+    text = lambda g, lam: f"gamma={g}, lam={lam}"  # noqa: E731
     if trl != nemo:
         return Verdict(CONFIGURABLE, text(*trl), text(*nemo), "GAE parameters differ",
                        f"set trainer.ppo.discount_factor: {trl[0]}, gae_lambda: {trl[1]}")
@@ -253,7 +253,7 @@ def _gae(s: Sides) -> Verdict:
 
 
 def _ppo_batches(s: Sides) -> Verdict:
-    p, par = s.spec.ppo, s.spec.parallel.ppo
+    p = s.spec.ppo
     trl = f"rollout {p.rollout_batch_size}, {p.num_mini_batches} mini batches, {p.ppo_epochs} epochs"
     nemo = (f"num_rollout_samples={_ppo(s, 'model.ppo.num_rollout_samples')}, "
             f"global_batch_size={_ppo(s, 'model.global_batch_size')}, one pass")
@@ -308,10 +308,12 @@ def _adam(stage: str, config: str) -> Callable[[Sides], Verdict]:
         betas = s.nemo_value(config, "model.optim.betas")
         trl = [s.trl[stage]["adam_beta1"], s.trl[stage]["adam_beta2"]]
         if list(betas or []) == trl:
-            return Verdict(EQUIVALENT, f"betas={trl}", f"betas={betas}", "same Adam moments")
+            return Verdict(EQUIVALENT, f"betas={trl}", f"betas={betas}", "same Adam moment decays")
+        # The renderer writes the spec's betas, so a mismatch means hand-edited (or old) configs.
         return Verdict(CONFIGURABLE, f"betas={trl}", f"betas={betas}",
-                       "Adam's second-moment decay differs (upstream NeMo-Aligner configs use 0.98)",
-                       f"set model.optim.betas: {trl} in {config}.yaml")
+                       "Adam's moment decays differ (upstream NeMo-Aligner YAMLs use [0.9, 0.98])",
+                       f"set model.optim.betas: {trl} in {config}.yaml (re-render: the spec's {stage}.adam_beta1/"
+                       f"adam_beta2 give both sides)")
 
     return judge
 
@@ -399,6 +401,8 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference("ppo/missing_eos", "EOS / truncation handling", _missing_eos),
     Difference("ppo/lr_schedule", "learning-rate schedule (actor)", _lr_schedule("ppo", "ppo_actor")),
     Difference("ppo/adam", "Adam betas (actor)", _adam("ppo", "ppo_actor")),
+    Difference("ppo/adam_critic", "Adam betas (critic; TRL: the value head's shared optimizer)",
+               _adam("ppo", "ppo_critic")),
     Difference("ppo/grad_clip", "gradient clipping (actor)", _grad_clip("ppo", "ppo_actor")),
     Difference("sft/batch", "samples per optimizer step", _train_batches("sft")),
     Difference("sft/truncation", "over-long examples", _sft_truncation),

@@ -29,11 +29,15 @@ _TRAINER_ROWS = (
     ("max_length", "max_length", "we drop longer examples first and count them; TRL would truncate (SFT) or drop (RM)"),
     ("warmup_ratio", "warmup_steps", _WARMUP),
     ("weight_decay", "weight_decay", ""),
+    ("adam_beta1", "adam_beta1", ""),
+    ("adam_beta2", "adam_beta2", ""),
     ("logging_steps", "logging_steps", ""),
 )
 
 TABLE: tuple[Mapping, ...] = tuple(Mapping(stage, *row) for stage in ("sft", "rm") for row in _TRAINER_ROWS) + (
     Mapping("ppo", "lr", "learning_rate"),
+    *(Mapping("ppo", beta, beta, "TRL: one optimizer for policy and value head; NeMo: actor and critic each")
+      for beta in ("adam_beta1", "adam_beta2")),
     Mapping("ppo", "total_episodes", "total_episodes"),
     Mapping(
         "ppo",
@@ -90,6 +94,13 @@ class NemoMapping(NamedTuple):
 _LARGE_BATCH = "large scale: parallel.{stage}.micro_batch_size / global_batch_size set the batch"
 _LOG = "NeMo logs every step through exp_manager"
 _WARM = "NeMo-Aligner takes a step count: round(warmup_ratio * max_steps)"
+_BETAS = "one list [adam_beta1, adam_beta2] (upstream YAMLs: [0.9, 0.98])"
+
+
+def _beta_rows(stage: str, config: str):
+    """Both Adam betas of a spec section land in one NeMo list key (conversion `betas`)."""
+    return tuple(NemoMapping(f"{stage}.{b}", config, "model.optim.betas", "betas", _BETAS)
+                 for b in ("adam_beta1", "adam_beta2"))
 
 
 def _trainer_rows(stage: str, config: str, max_steps_key: str, length_key: str, length_note: str):
@@ -101,6 +112,7 @@ def _trainer_rows(stage: str, config: str, max_steps_key: str, length_key: str, 
         NemoMapping(f"{stage}.max_length", config, length_key, note=length_note),
         NemoMapping(f"{stage}.warmup_ratio", config, "model.optim.sched.warmup_steps", "warmup_steps", _WARM),
         NemoMapping(f"{stage}.weight_decay", config, "model.optim.weight_decay"),
+        *_beta_rows(stage, config),
         NemoMapping(f"{stage}.logging_steps", config, None, note=_LOG),
     )
 
@@ -120,6 +132,8 @@ NEMO_TABLE: tuple[NemoMapping, ...] = (
     NemoMapping("parallel.rm.global_batch_size", "rm", "model.global_batch_size", note="pairs"),
     NemoMapping("ppo.lr", "ppo_actor", "model.optim.lr"),
     NemoMapping("ppo.lr", "ppo_critic", "model.optim.lr", note="TRL trains policy and value head with one lr"),
+    *_beta_rows("ppo", "ppo_actor"),
+    *_beta_rows("ppo", "ppo_critic"),
     NemoMapping("ppo.total_episodes", "ppo_actor", "trainer.ppo.max_steps", "ppo_steps",
                 note="NeMo-Aligner counts rollouts: total_episodes / rollout_batch_size"),
     NemoMapping("ppo.rollout_batch_size", "ppo_actor", "model.ppo.num_rollout_samples"),
@@ -173,7 +187,13 @@ def _kl_estimator(spec: PipelineSpec, spec_key: str, value):
     return {"k1": False}.get(value, value)  # k3 has no NeMo-Aligner form: preflight refuses it first
 
 
-NEMO_CONVERSIONS = {"warmup_steps": _warmup_steps, "ppo_steps": _ppo_steps, "kl_estimator": _kl_estimator}
+def _betas(spec: PipelineSpec, spec_key: str, value):
+    section = getattr(spec, spec_key.split(".")[0])
+    return [section.adam_beta1, section.adam_beta2]
+
+
+NEMO_CONVERSIONS = {"warmup_steps": _warmup_steps, "ppo_steps": _ppo_steps, "kl_estimator": _kl_estimator,
+                    "betas": _betas}
 
 
 def spec_value(spec: PipelineSpec, key: str):

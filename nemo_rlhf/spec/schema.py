@@ -130,6 +130,12 @@ class DataConfig:
     eval: EvalDataConfig = _f(EvalDataConfig, "Evaluation sets.")
 
 
+# Defaults are TRL's (transformers TrainingArguments); upstream NeMo-Aligner YAMLs use [0.9, 0.98], so the
+# renderer writes these into model.optim.betas of every config with an optimizer.
+_BETA1_HELP = "Adam beta1 (first-moment decay), in [0, 1); TRL adam_beta1, NeMo-Aligner model.optim.betas[0]."
+_BETA2_HELP = "Adam beta2 (second-moment decay), in [0, 1); TRL adam_beta2, NeMo-Aligner model.optim.betas[1]."
+
+
 @dataclass
 class TrainerConfig:
     """What SFT and RM training share; each stage's own defaults are set below."""
@@ -141,6 +147,8 @@ class TrainerConfig:
     max_length: int = _f(256, "Longest tokenized sequence; longer examples are dropped (counted in the manifest).")
     warmup_ratio: float = _f(0.0, "Share of steps with linear warmup.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, _BETA1_HELP)
+    adam_beta2: float = _f(0.999, _BETA2_HELP)
     logging_steps: int = _f(1, "Log every N steps.")
 
 
@@ -187,6 +195,8 @@ class GoldRMConfig(RMTrainingConfig):
 @dataclass
 class PPOConfig:
     lr: float = _f(1e-6, "Learning rate of policy and value model.")
+    adam_beta1: float = _f(0.9, _BETA1_HELP + " Policy and value model (NeMo-Aligner: actor and critic).")
+    adam_beta2: float = _f(0.999, _BETA2_HELP + " Policy and value model (NeMo-Aligner: actor and critic).")
     total_episodes: int = _f(16, "Prompts consumed in total (updates = total_episodes / rollout_batch_size).")
     rollout_batch_size: int = _f(4, "Prompts per rollout (one PPO update each).")
     num_mini_batches: int = _f(1, "Mini batches per rollout in each PPO epoch.")

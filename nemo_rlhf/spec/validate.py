@@ -120,6 +120,8 @@ POSITIVE_FLOATS = [
     "model.random.init_std",
 ]
 UNIT_INTERVAL = ["ppo.gamma", "ppo.gae_lambda", "sft.warmup_ratio", "rm.warmup_ratio", "gold_rm.warmup_ratio"]
+# Adam's moment decays: a beta of 1 never forgets (and divides by 1 - beta**t = 0 in bias correction).
+ADAM_BETAS = [f"{s}.adam_beta{i}" for s in ("sft", "rm", "gold_rm", "ppo") for i in (1, 2)]
 
 
 def get(spec: PipelineSpec, key: str):
@@ -150,6 +152,8 @@ def validate_spec(spec: PipelineSpec) -> list[str]:
         for k in ("sft.warmup_ratio", "rm.warmup_ratio", "gold_rm.warmup_ratio")
         if get(spec, k) >= 1
     ]
+    problems += [f"{k}: must be within [0, 1) (TRL's default is {0.9 if k.endswith('1') else 0.999}), got "
+                 f"{get(spec, k)}" for k in ADAM_BETAS if not 0 <= get(spec, k) < 1]
     problems += _model_problems(spec)
     problems += _batch_problems(spec)
     problems += _cluster_problems(spec)
