@@ -35,7 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SHARED_STAGES = ("base", "sft", "gold_rm")  # identical in both runs: copied, then reused by the runner
 RUNS = {"demo": [], "honest": ["rm.exploit=none"]}
-KEY_DETECTORS = ("reward_hacking", "length_inflation")
+# The two the demo must fail, and the two the honest twin failed on before (collapse, empty answers).
+KEY_DETECTORS = ("reward_hacking", "length_inflation", "degenerate_responses", "template_collapse")
 ALL_STAGES = ("base", "sft", "rm", "gold_rm", "ppo", "gate", "eval")
 
 
@@ -49,7 +50,8 @@ def run(spec: str, out: Path, overrides: list[str]) -> dict:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return {"exit_code": proc.returncode, "seconds": round(time.monotonic() - start, 1),
-            "gate_lines": [line for line in proc.stdout.splitlines() if line.startswith(("[gate]", "gate:"))]}
+            "gate_lines": [line for line in proc.stdout.splitlines() if line.startswith(("[gate]", "gate:"))],
+            "stages_line": next((line for line in proc.stdout.splitlines() if line.startswith("finished in")), "")}
 
 
 def manifest(run_dir: Path, stage: str) -> dict:
@@ -141,13 +143,14 @@ def markdown(results: dict) -> str:
                   f"proxy RM held-out accuracy {r['proxy_rm']['heldout_accuracy']}, gold RM "
                   f"{r['gold_rm']['heldout_accuracy']}; Spearman(score, words) on real held-out answers: proxy "
                   f"{rho['rm']}, gold {rho['gold_rm']}; {r['ppo_updates']} PPO updates", "",
+                  f"runner: {r.get('stages_line') or 'n/a'}", "",
                   "| step | proxy reward | gold reward | KL (nats) | length (tokens) | EOS rate |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {p['step']} | {p['proxy_reward']} | {p['gold_reward']} | {p['kl']} | {p['length']} | "
                   f"{p['finished']} |" for p in r["checkpoints"]]
-        lines += ["", "| finding | severity | value | threshold |", "|---|---|---|---|"]
-        lines += [f"| {f['detector']}/{f['check']} | {f['severity']} | {_num(f['value'])} | {_num(f['threshold'])} |"
-                  for f in r["key_findings"]]
+        lines += ["", "| finding | severity | value | threshold | message |", "|---|---|---|---|---|"]
+        lines += [f"| {f['detector']}/{f['check']} | {f['severity']} | {_num(f['value'])} | {_num(f['threshold'])} | "
+                  f"{f['message'].replace('|', '/')} |" for f in r["key_findings"]]
         lines.append("")
     return "\n".join(lines)
 
