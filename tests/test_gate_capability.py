@@ -232,7 +232,6 @@ def test_instruction_finding_compares_with_the_baseline():
 
 
 def test_lm_eval_scores_gold_solutions_as_we_do(test_set):
-    pytest.importorskip("lm_eval")
     sample = test_set[:100]
     texts = [p.answer for p in sample] + [p.answer.split("####")[0] + "#### 123456789" for p in sample]
     agreement = capability.lm_eval_agreement(texts, sample + sample)
