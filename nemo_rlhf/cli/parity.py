@@ -108,10 +108,9 @@ def load(args):
 
 def emit(result, args) -> int:
     """Print, report and record a ParityResult; the exit code."""
+    from nemo_rlhf.errors import UserError
     from nemo_rlhf.lineage.record import write_json_atomic
     from nemo_rlhf.parity.report import format_text, record_in_run, write_report
-
-    from nemo_rlhf.errors import UserError
 
     log = sys.stderr if args.json else sys.stdout
     if args.run_dir is not None and not args.run_dir.is_dir():

@@ -113,8 +113,8 @@ def build_trl_rows(spec: PipelineSpec, root: Path, tokenizer) -> tuple[dict[str,
 
 def spec_tokenizer(spec: PipelineSpec, root: Path):
     """The base model's tokenizer (what the .nemo carries), without loading the model."""
-    from nemo_rlhf.models.materialize import _chat_tokenizer
     from nemo_rlhf.models.chat_templates import TEMPLATE_TOKENS, resolve_chat_template
+    from nemo_rlhf.models.materialize import _chat_tokenizer
     from nemo_rlhf.stages.training import load_tokenizer
 
     m = spec.model

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import re
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field

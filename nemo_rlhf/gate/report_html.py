@@ -38,10 +38,10 @@ matplotlib.use("Agg")  # no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nemo_rlhf.atomic_file import write_text_atomic  # noqa: E402
 from nemo_rlhf.gate.detectors.common import length  # noqa: E402
 from nemo_rlhf.gate.findings import GateResult  # noqa: E402
 from nemo_rlhf.gate.responses import ResponseSet  # noqa: E402
-from nemo_rlhf.atomic_file import write_text_atomic  # noqa: E402
 
 TEMPLATE = "report.html.j2"
 REPORT = "report.html"

@@ -52,14 +52,20 @@ CURVE_MEASURED = ("measured over 4-6 steps: RM <= 3e-7, untied SFT <= 6e-7; tied
                   "a shuffled order >= 1e-2")
 STEP0_BASIS = "step 1 is computed before any update: the loss-parity bound (parity.loss.TOLERANCE_BASIS)"
 CURVE_BASIS = f"{CURVE_RTOL:g} x max(1, |TRL loss|) per step ({CURVE_MEASURED})"
-ADAM = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+ADAM_EPSILON = 1e-8  # not a spec key: TRL's and megatron's default alike
+
+
+def adam_settings(section) -> dict:
+    """Adam's settings for both sides: the spec section's betas (canonical keys), the shared epsilon."""
+    return {"adam_beta1": section.adam_beta1, "adam_beta2": section.adam_beta2, "adam_epsilon": ADAM_EPSILON}
 
 
 def _trl_args(spec: PipelineSpec, stage: str, steps: int, out: Path) -> dict:
     section = getattr(spec, stage)
     return dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=section.micro_batch_size,
                 gradient_accumulation_steps=1, learning_rate=section.lr, lr_scheduler_type="constant", warmup_steps=0,
-                weight_decay=section.weight_decay, max_grad_norm=0.0, optim="adamw_torch", **ADAM, logging_steps=1,
+                weight_decay=section.weight_decay, max_grad_norm=0.0, optim="adamw_torch", **adam_settings(section),
+                logging_steps=1,
                 train_sampling_strategy="sequential", report_to="none", save_strategy="no", seed=spec.seed,
                 data_seed=spec.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
                 max_length=section.max_length, bf16=False, fp16=False)  # TRL's configs default to bf16=True
@@ -122,7 +128,8 @@ def curve_checks(stage: str, trl_rows: list[dict], mcore: dict, step0_tol: float
         acc = max(abs(float(t["accuracy"]) - float(m["accuracy"])) for t, m in zip(trl_rows, metrics))
         checks.append(Check.within("curves/rm/accuracy", acc, 0.0, "per-step pair accuracy, TRL's log vs megatron"))
         for row, m in zip(table, metrics):
-            row.update({"TRL accuracy": trl_rows[row["step"] - 1]["accuracy"], "megatron accuracy": float(m["accuracy"])})
+            row.update({"TRL accuracy": trl_rows[row["step"] - 1]["accuracy"],
+                        "megatron accuracy": float(m["accuracy"])})
     return checks, table
 
 
@@ -139,8 +146,9 @@ def curve_parity(spec: PipelineSpec, stage: str, steps: int, *, tp: int = 2, hf_
         models = stage_models(spec, stage, Path(tmp), hf_dir, nemo_path)
         batch = fixed_batch(spec, models.tokenizer, stage, steps * section.micro_batch_size, aligner_dir)
         inputs = megatron_inputs(stage, models.tokenizer, batch.records, steps, section.micro_batch_size)
+        adam = adam_settings(section)
         options = {"steps": steps, "micro-batches": 1, "lr": section.lr, "weight-decay": section.weight_decay,
-                   "adam-beta1": ADAM["adam_beta1"], "adam-beta2": ADAM["adam_beta2"], "adam-eps": ADAM["adam_epsilon"]}
+                   "adam-beta1": adam["adam_beta1"], "adam-beta2": adam["adam_beta2"], "adam-eps": adam["adam_epsilon"]}
         run = run_train_worker(models.nemo_path, inputs, len(models.tokenizer), tp, stage, "train", options)
         model = load_hf(models, stage)
         tied = bool(getattr(model.config, "tie_word_embeddings", False)) and stage == "sft"

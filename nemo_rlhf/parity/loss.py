@@ -33,7 +33,7 @@ import torch
 
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.parity import data as data_parity
-from nemo_rlhf.parity.losses import bradley_terry, masked_token_mean, token_cross_entropy
+from nemo_rlhf.parity.losses import bradley_terry, token_cross_entropy
 from nemo_rlhf.parity.report import Check, ParityResult
 from nemo_rlhf.spec.schema import PipelineSpec
 

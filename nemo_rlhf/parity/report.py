@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_rlhf.lineage.manifest import MANIFEST, now_iso, package_versions
 from nemo_rlhf.lineage.hashing import sha256_file
+from nemo_rlhf.lineage.manifest import MANIFEST, now_iso, package_versions
 from nemo_rlhf.lineage.record import write_json_atomic
 
 PARITY_DIR = "parity"

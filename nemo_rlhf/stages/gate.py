@@ -57,8 +57,15 @@ class GateStage:
     def run(self, ctx) -> dict:
         from nemo_rlhf.gate.report_html import write_html_report
         from nemo_rlhf.gate.responses import read_responses
-        from nemo_rlhf.gate.run import battle_check, bad_cases, load_reward_model, make_judge, resolve_config, run_gate
-        from nemo_rlhf.gate.run import write_report
+        from nemo_rlhf.gate.run import (
+            bad_cases,
+            battle_check,
+            load_reward_model,
+            make_judge,
+            resolve_config,
+            run_gate,
+            write_report,
+        )
 
         ppo = ctx.parents["ppo"]
         files = {"ppo": ppo / SAMPLES, "sft": ppo / BASELINE}
