@@ -225,18 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_reporting_errors() -> int:
-    """Runs `main`; on failure leaves the reason in <out>.rank<N>.error for the parent (as the certificate's worker)."""
-    try:
-        return main()
-    except Exception as exc:
-        out = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--out"), None)
-        if out:
-            with open(f"{out}.rank{os.environ.get('RANK', '0')}.error", "w", encoding="utf-8") as f:
-                f.write(f"{type(exc).__name__}: {exc}"[:4000])
-        raise
-
-
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(_main_reporting_errors())
+    from nemo_rlhf.verify.megatron_worker import run_reporting_errors
+
+    sys.exit(run_reporting_errors(main))

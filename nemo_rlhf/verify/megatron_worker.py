@@ -180,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_reporting_errors() -> int:
-    """Runs `main`; on failure leaves the reason in <out>.rank<N>.error for the parent to report.
+def run_reporting_errors(entry) -> int:
+    """Runs `entry()`; on failure leaves the reason in <out>.rank<N>.error for the parent to report.
 
-    torchrun buries a worker's traceback in its own output; the parent wants one line.
+    torchrun buries a worker's traceback in its own output; the parent wants one line. Shared by
+    every torchrun worker (the certificate's and the parity harness's).
     """
     try:
-        return main()
+        return entry()
     except Exception as exc:
         out = next((sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == "--out"), None)
         if out:
@@ -198,4 +199,4 @@ def _main_reporting_errors() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(_main_reporting_errors())
+    sys.exit(run_reporting_errors(main))
