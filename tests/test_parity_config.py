@@ -11,10 +11,11 @@ from nemo_rlhf.parity.config import CONFIGURABLE, EQUIVALENT, INCOMPARABLE, buil
 from nemo_rlhf.spec.loader import load_spec
 from tests.helpers import TINY, cli
 
-# The tiny recipe's large-scale batches set to the small-scale ones, and an untied model (our converter always
-# writes a separate output layer): nothing is left to align.
+# The tiny recipe's large-scale batches set to the small-scale ones, an untied model (our converter always
+# writes a separate output layer) and temperature 1 (TRL's log-probs are tempered, NeMo-Aligner's are not):
+# nothing is left to align.
 ALIGNED = ["parallel.sft.global_batch_size=4", "parallel.rm.global_batch_size=4", "parallel.ppo.global_batch_size=4",
-           "model.random.tie_word_embeddings=false"]
+           "model.random.tie_word_embeddings=false", "ppo.temperature=1.0"]
 
 
 def _write_configs(folder, spec, edit=None):
@@ -49,6 +50,7 @@ def test_aligned_configs_pass_and_every_key_is_side_by_side(aligned_spec, tmp_pa
     assert (steps["TRL value"], steps["NeMo value"]) == (8, 2)  # episodes vs rollouts: the table's conversion
     statuses = {r["difference"]: r["status"] for r in result.tables["semantic differences"]}
     assert statuses["ppo/kl_estimator"] == statuses["ppo/kl_coef"] == statuses["sft/adam"] == EQUIVALENT
+    assert statuses["ppo/logprob_temperature"] == EQUIVALENT
     # what no setting removes is reported, not failed
     assert statuses["ppo/whitening_variance"] == statuses["ppo/missing_eos"] == INCOMPARABLE
     assert "0.05" in _by_name(result)["config/ppo/kl_coef"].detail and "0.01" in _by_name(result)[
@@ -117,3 +119,10 @@ def test_adam_betas_from_the_spec_reach_both_sides_and_a_mismatch_is_caught(tmp_
     assert not checks["config/rm/adam"].passed and checks["config/ppo/adam"].passed
     carried = checks["config/nemo/ppo_critic/ppo.adam_beta2"]
     assert not carried.passed and "[0.8, 0.999]" in carried.extra["fix"]
+
+
+def test_tempered_logprobs_are_configurable_with_the_fix():
+    result = config_parity(load_spec(TINY, [*ALIGNED, "ppo.temperature=0.7"]))
+    row = {r["difference"]: r for r in result.tables["semantic differences"]}["ppo/logprob_temperature"]
+    assert row["status"] == CONFIGURABLE and not result.passed
+    assert "ppo.temperature=1.0" in _by_name(result)["config/ppo/logprob_temperature"].detail

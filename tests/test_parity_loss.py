@@ -1,4 +1,5 @@
-"""`nemo-rlhf parity loss`: TRL's loss on real rows vs megatron-core's on the converted model (TP=2, gloo), and PPO math.
+"""`nemo-rlhf parity loss`: TRL's loss on real rows vs megatron-core's on the converted model (TP=2, gloo);
+PPO on the models (policy log-probs, critic values of a fixed rollout) and its math alone.
 
 Each megatron launch runs two micro-batches, the aligned one and a deliberately misaligned one, so one
 torchrun shows both that the aligned batch agrees within the fp32 bound and that the misalignment fails.
@@ -102,7 +103,7 @@ def _configs(tmp_path, spec, **actor):
 
 
 def test_ppo_aligned_configs_agree_after_structural_bridges(tmp_path):
-    result = ppo_parity(load_spec(TINY, ALIGNED_PPO))
+    result = ppo_parity(load_spec(TINY, ALIGNED_PPO), math_only=True)
     assert result.passed, [(c.name, c.detail) for c in result.checks if not c.passed]
     checks = {c.name: c for c in result.checks}
     # raw differences exist and are each explained by a named structural difference
@@ -116,7 +117,7 @@ def test_ppo_aligned_configs_agree_after_structural_bridges(tmp_path):
 ])
 def test_ppo_misaligned_configs_fail_and_name_the_difference(tmp_path, edit, failing):
     spec = load_spec(TINY, ALIGNED_PPO)
-    result = ppo_parity(spec, _configs(tmp_path, spec, **edit))
+    result = ppo_parity(spec, _configs(tmp_path, spec, **edit), math_only=True)
     failed = [c for c in result.checks if not c.passed]
     assert failed and all(failing in c.detail for c in failed)
     assert "ppo/policy_loss" in {c.name for c in failed}
@@ -131,18 +132,63 @@ def test_ppo_cli_on_a_rollout_file(tmp_path):
 
     rollout = {k: v.contiguous() for k, v in asdict(synthetic_rollout(batch=6, response_length=20, seed=3)).items()}
     save_file(rollout, tmp_path / "rollout.safetensors")
-    proc = cli("parity", "loss", str(TINY), *ALIGNED_PPO, "--stage", "ppo", "--rollouts",
+    proc = cli("parity", "loss", str(TINY), *ALIGNED_PPO, "--stage", "ppo", "--math-only", "--rollouts",
                str(tmp_path / "rollout.safetensors"), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["meta"]["batch"] == [6, 20] and out["meta"]["rollouts"].endswith("rollout.safetensors")
     del rollout["values"]
     save_file(rollout, tmp_path / "partial.safetensors")
-    bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--rollouts", str(tmp_path / "partial.safetensors"))
+    bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--math-only", "--rollouts",
+              str(tmp_path / "partial.safetensors"))
     assert bad.returncode == 2 and "lacks values" in bad.stderr
 
 
 def test_ppo_missing_eos_penalty_and_k3_fail():
     for override in ("ppo.missing_eos_penalty=1.0", "ppo.kl_estimator=k3"):
-        result = ppo_parity(load_spec(TINY, [*ALIGNED_PPO, override]))
+        result = ppo_parity(load_spec(TINY, [*ALIGNED_PPO, override]), math_only=True)
         assert not result.passed, override
+
+
+# ----------------------------------------------------------------------------------------------- PPO on the models
+
+# NeMo-Aligner's log-probs are of the raw logits, TRL's of logits / temperature: aligned at temperature 1
+MODEL_PPO = [WIDER_INIT, *ALIGNED_PPO, "ppo.temperature=1.0"]
+
+
+def test_ppo_models_agree_at_tp2_and_a_saved_rollout_reruns(tmp_path):
+    rollout = tmp_path / "rollout.safetensors"
+    result = ppo_parity(load_spec(TINY, MODEL_PPO), save_rollout=rollout)
+    assert result.passed, [(c.name, c.value, c.tolerance, c.detail[:300]) for c in result.checks if not c.passed]
+    checks = {c.name: c for c in result.checks}
+    # the models' numbers: fp32 summation order only (measured ~2e-6 log-prob, ~3e-7 value), far under the bound
+    assert checks["ppo/policy_logprobs"].value < 1e-4 and checks["ppo/critic_values"].value < 1e-4
+    # both sides computed losses from their own numbers; the structural differences are still there and named
+    assert checks["ppo/policy_loss"].extra["raw_max_diff"] > 1e-3
+    assert result.meta["tp"] == 2 and result.meta["responses_without_eos"] == 1 and result.meta["response_tokens"] > 8
+
+    proc = cli("parity", "loss", str(TINY), *MODEL_PPO, "--stage", "ppo", "--rollouts", str(rollout), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["meta"]["rollouts"] == str(rollout) and out["meta"]["response_tokens"] == result.meta["response_tokens"]
+    assert {c["name"]: c["value"] for c in out["checks"]}["ppo/policy_logprobs"] < 1e-4
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(rollout)
+    del tensors["prompt_ids"]
+    save_file(tensors, tmp_path / "no-tokens.safetensors")
+    bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--rollouts", str(tmp_path / "no-tokens.safetensors"))
+    assert bad.returncode == 2 and "lacks prompt_ids" in bad.stderr and "--math-only" in bad.stderr
+    bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--math-only", "--save-rollout", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "--save-rollout" in bad.stderr
+
+
+def test_ppo_models_fail_on_tempered_logprobs_and_another_critic(tmp_path):
+    spec = load_spec(TINY, [WIDER_INIT, *ALIGNED_PPO])  # temperature 0.7, the small-scale default
+    other = stage_models(load_spec(TINY, [WIDER_INIT, "seed=7"]), "rm", tmp_path / "other")  # another critic
+    result = ppo_parity(spec, critic_nemo=other.nemo_path)
+    failed = {c.name: c for c in result.checks if not c.passed}
+    assert {"ppo/logprob_temperature", "ppo/critic_values", "ppo/value_loss"} <= set(failed), list(failed)
+    assert "ppo.temperature=1.0" in failed["ppo/logprob_temperature"].detail
+    assert "ppo/policy_logprobs" not in failed  # the policy itself is the same model on both sides

@@ -3,6 +3,8 @@
     nemo-rlhf parity config SPEC [key=value ...] [--configs DIR]
     nemo-rlhf parity data   SPEC [key=value ...] [--aligner-data DIR]
     nemo-rlhf parity loss   SPEC --stage sft|rm|ppo [--hf DIR] [--nemo PATH] [--tp 2] [--aligner-data DIR]
+                            PPO: [--critic DIR] [--critic-nemo PATH] [--rollouts FILE] [--save-rollout FILE]
+                                 [--math-only]
     nemo-rlhf parity model  SPEC [--stage sft|rm|ppo] [--hf DIR] [--nemo PATH] [--tp N --pp M]
     nemo-rlhf parity curves SPEC --stage sft|rm [--steps N] [--tp 2] [--aligner-data DIR]
     nemo-rlhf parity curves [SPEC] --stage sft|rm|ppo --tensorboard DIR --trl-log train_log.jsonl
@@ -49,16 +51,26 @@ def add_parser(sub) -> None:
     cfg.set_defaults(func=run_config)
 
     loss = verbs.add_parser("loss", help="one fixed batch: SFT/RM loss of the HF model vs the converted megatron-core "
-                                         "model (TP, CPU gloo); PPO math in TRL's and NeMo-Aligner's formulation")
+                                         "model (TP, CPU gloo); PPO: the policy's log-probs and critic's values of "
+                                         "a fixed rollout on both, through TRL's and NeMo-Aligner's PPO math")
     _common(loss)
     loss.add_argument("--stage", choices=STAGES, required=True)
     _model_args(loss)
     loss.add_argument("--aligner-data", type=Path, help="NeMo side from these NeMo-Aligner files (`nemo-rlhf data "
                                                         "prepare-aligner`); default: rendered from the TRL rows")
-    loss.add_argument("--batch-size", type=int, help="examples (RM: pairs) in the batch; default: micro_batch_size")
+    loss.add_argument("--batch-size", type=int, help="examples (RM: pairs, PPO: prompts) in the batch; default: "
+                                                     "micro_batch_size (PPO: rollout_batch_size)")
     loss.add_argument("--configs", type=Path, help="PPO: NeMo-Aligner keys from rendered configs in this folder")
-    loss.add_argument("--rollouts", type=Path, help="PPO: a fixed rollout batch (safetensors with the fields of "
-                                                    "parity.ppo_math.Rollout); default: a seeded synthetic one")
+    loss.add_argument("--rollouts", type=Path, help="PPO: a fixed rollout batch (safetensors: prompt_ids, "
+                                                    "prompt_lengths, response_ids and the fields of "
+                                                    "parity.ppo_math.Rollout); default: sampled from the policy")
+    loss.add_argument("--critic", type=Path, help="PPO: the HF value model (default: RUN/rm/model with --run-dir, "
+                                                  "TRL's value model starts from the RM; else built from the spec)")
+    loss.add_argument("--critic-nemo", type=Path, help="PPO: the critic's .nemo (default: converted here)")
+    loss.add_argument("--save-rollout", type=Path, help="PPO: write the rollout used to this safetensors file "
+                                                        "(reuse it with --rollouts)")
+    loss.add_argument("--math-only", action="store_true", help="PPO: only the two formulations, on the numbers of "
+                                                               "--rollouts or of a seeded synthetic rollout")
     loss.set_defaults(func=run_loss)
 
     data = verbs.add_parser("data", help="NeMo-Aligner data files vs the TRL rows: identical token ids and masks")
@@ -141,10 +153,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size megatron-core runs at (default 2)")
 
 
-def _run_model(args, stage: str) -> Path | None:
-    """--hf, else the model the run's stage wrote (RUN/<stage>/model), else None (built from the spec)."""
-    if args.hf is not None or args.run_dir is None:
-        return args.hf
+def _run_model(args, stage: str, flag: str = "hf") -> Path | None:
+    """--hf (or `flag`), else the model the run's stage wrote (RUN/<stage>/model), else None (built from the spec)."""
+    given = getattr(args, flag)
+    if given is not None or args.run_dir is None:
+        return given
     from nemo_rlhf.stages.base_model import MODEL_DIR
 
     folder = args.run_dir / stage / MODEL_DIR
@@ -167,9 +180,13 @@ def run_loss(args) -> int:
     from nemo_rlhf.parity.loss import ppo_parity, sft_rm_loss_parity
 
     spec = load(args)
-    _check_dirs(args, "aligner_data", "configs", "hf")
+    _check_dirs(args, "aligner_data", "configs", "hf", "critic")
     if args.stage == "ppo":
-        return emit(ppo_parity(spec, args.configs, rollouts=args.rollouts), args)
+        return emit(ppo_parity(spec, args.configs, rollouts=args.rollouts, math_only=args.math_only,
+                               policy_hf=_run_model(args, "ppo"), policy_nemo=args.nemo,
+                               critic_hf=_run_model(args, "rm", "critic"),
+                               critic_nemo=args.critic_nemo, tp=args.tp, batch_size=args.batch_size,
+                               aligner_dir=args.aligner_data, save_rollout=args.save_rollout), args)
     result = sft_rm_loss_parity(spec, args.stage, hf_dir=_run_model(args, args.stage), nemo_path=args.nemo,
                                 aligner_dir=args.aligner_data, tp=args.tp, batch_size=args.batch_size)
     return emit(result, args)

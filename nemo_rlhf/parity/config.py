@@ -190,6 +190,18 @@ def _kl_coef(s: Sides) -> Verdict:
                    f"set trainer.ppo.initial_policy_kl_penalty: {trl} (ppo.kl_coef)")
 
 
+def _logprob_temperature(s: Sides) -> Verdict:
+    trl, nemo = s.trl["ppo"]["temperature"], _ppo(s, "model.ppo.sampling_params.temperature")
+    texts = f"log-probs of logits / {trl} (sampling at {trl})", f"log-probs of raw logits (sampling at {nemo})"
+    if trl == 1.0 and nemo == 1.0:
+        return Verdict(EQUIVALENT, *texts, "both sample at temperature 1 and score the samples with the untempered "
+                       "policy")
+    return Verdict(CONFIGURABLE, *texts, "TRL divides the logits by temperature + 1e-7 for the rollout, reference and "
+                   "training log-probs (PPOTrainer.train), so its KL and ratios are of the tempered policy; "
+                   "NeMo-Aligner's from_parallel_logits_to_logprobs reads the raw logits whatever it samples at",
+                   "set ppo.temperature=1.0 (the cluster recipes do)")
+
+
 def _adv_whitening(s: Sides) -> Verdict:
     norm = _ppo(s, "trainer.ppo.normalize_advantages")
     if norm is True:
@@ -391,6 +403,7 @@ DIFFERENCES: tuple[Difference, ...] = (
     Difference("model/tied_embeddings", "tied input embedding / output layer", _tied_embeddings),
     Difference("ppo/kl_estimator", "KL estimator", _kl_estimator),
     Difference("ppo/kl_coef", "KL coefficient", _kl_coef),
+    Difference("ppo/logprob_temperature", "temperature of the log-probs", _logprob_temperature),
     Difference("ppo/advantage_whitening", "advantage whitening", _adv_whitening),
     Difference("ppo/whitening_variance", "whitening statistics", _whitening_variance),
     Difference("ppo/reward_whitening", "reward whitening / clipping", _reward_whitening),

@@ -101,7 +101,8 @@ class ParityCheck:
         return {**asdict(self), "passed": self.passed}
 
     def render(self) -> str:
-        head = f"{'ok  ' if self.passed else 'FAIL'} {self.name}: {self.examples - self.mismatches}/{self.examples} identical"
+        status = "ok  " if self.passed else "FAIL"
+        head = f"{status} {self.name}: {self.examples - self.mismatches}/{self.examples} identical"
         lines = [head, *(f"     {n}" for n in self.notes)]
         if self.first_mismatch:
             m = self.first_mismatch

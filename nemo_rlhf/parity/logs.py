@@ -86,7 +86,8 @@ def read_trl_log(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise UserError(f"line {number} is not JSON: {err}", where=str(path), fix="pass an intact log") from None
+                raise UserError(f"line {number} is not JSON: {err}", where=str(path),
+                                fix="pass an intact log") from None
     return rows
 
 

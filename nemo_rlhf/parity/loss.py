@@ -19,8 +19,10 @@ most 2 x the largest logit change (log-softmax is 2-Lipschitz in the max norm), 
 loss or margin by at most 2 x the largest reward change, so the bounds are 2 x that logit (reward)
 bound. Accuracy and the trained positions must be identical.
 
-PPO (`ppo_parity`) runs `ppo_math` on a fixed seeded rollout with the spec's TRL PPOConfig values
-and the NeMo-Aligner keys of the rendered (or given) configs.
+PPO (`ppo_parity`): the current policy's log-probs and critic's values of one fixed rollout, from the HF
+models the TRL way and from megatron-core on their .nemo at TP the NeMo-Aligner way (`ppo_models`), each
+side's numbers through its own PPO math (`ppo_math`) with the spec's TRL PPOConfig values and the
+NeMo-Aligner keys of the rendered (or given) configs; `math_only` compares the formulations alone.
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def _pad(seqs: list[list[int]], value: int, width: int | None = None) -> torch.T
     return out
 
 
+# stage -> (what a row is, the spec key that adds rows, the spec key that sets the batch)
+SOURCES = {"sft": ("examples", "data.sft.num_examples", "sft.micro_batch_size"),
+           "rm": ("pairs", "data.preference.num_examples", "rm.micro_batch_size"),
+           "ppo": ("prompts", "data.prompts.hh_rlhf / gsm8k", "ppo.rollout_batch_size (or --batch-size)")}
+
+
 @dataclass
 class Batch:
     """One fixed batch: the TRL rows and the NeMo-Aligner records made from (or written for) them."""
@@ -75,10 +83,9 @@ def fixed_batch(spec: PipelineSpec, tokenizer, stage: str, size: int, aligner_di
     per_row = 2 if stage == "rm" else 1
     available = min(len(rows[name]), len(records) // per_row) - offset
     if available < size:
-        unit = "pairs" if stage == "rm" else "examples"
-        source = "data.preference.num_examples" if stage == "rm" else "data.sft.num_examples"
+        unit, source, size_key = SOURCES[stage]
         raise UserError(f"{size} {unit} needed, {name} has {max(available, 0)} (after dropping over-long ones)",
-                        where=name, fix=f"raise {source}, or lower the steps / {stage}.micro_batch_size")
+                        where=name, fix=f"raise {source}, or lower the steps / {size_key}")
     trl_rows = rows[name][offset:offset + size]
     return Batch(trl_rows, records[offset * per_row:(offset + size) * per_row])
 
@@ -86,7 +93,8 @@ def fixed_batch(spec: PipelineSpec, tokenizer, stage: str, size: int, aligner_di
 # ----------------------------------------------------------------------------------------------- SFT
 
 def sft_nemo_inputs(tokenizer, records: list[dict], prefix: str = "mb0") -> dict[str, torch.Tensor]:
-    """A micro-batch as GPTSFTDataset hands it to the model: tokens = ids[:-1], labels = ids[1:], loss_mask = mask[1:]."""
+    """A micro-batch as GPTSFTDataset hands it to the model: tokens = ids[:-1], labels = ids[1:],
+    loss_mask = mask[1:]."""
     pairs = [data_parity.nemo_sft_tokens(tokenizer, r) for r in records]
     pad = tokenizer.pad_token_id
     return {f"{prefix}.tokens": _pad([ids[:-1] for ids, _ in pairs], pad),
@@ -217,8 +225,9 @@ def sft_rm_loss_parity(spec: PipelineSpec, stage: str, *, hf_dir: Path | None = 
 
 # ----------------------------------------------------------------------------------------------- PPO
 
-def read_rollout(path: Path):
-    """A fixed rollout batch from safetensors holding every `ppo_math.Rollout` field (B x T response coordinates)."""
+def read_rollout(path: Path, optional: tuple[str, ...] = ()):
+    """A fixed rollout batch from safetensors holding every `ppo_math.Rollout` field (B x T response coordinates);
+    fields in `optional` may be absent (zeros: the caller computes them)."""
     from dataclasses import fields
 
     from safetensors.torch import load_file
@@ -230,30 +239,62 @@ def read_rollout(path: Path):
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise UserError(f"cannot read {path}: {err}", where="--rollouts", fix="pass a safetensors file") from None
     names = [f.name for f in fields(Rollout)]
-    missing = [n for n in names if n not in tensors]
+    missing = [n for n in names if n not in tensors and n not in optional]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}", where="--rollouts",
                         fix=f"save all of {', '.join(names)} (see nemo_rlhf.parity.ppo_math.Rollout)")
-    values = {n: tensors[n] for n in names}
+    like = tensors.get("logprobs")
+    values = {n: tensors[n] if n in tensors else torch.zeros_like(like) for n in names}
     values["ends_with_eos"] = values["ends_with_eos"].bool()
     values["lengths"] = values["lengths"].long()
     return Rollout(**values)
 
 
 def ppo_parity(spec: PipelineSpec, configs_dir: Path | None = None, seed: int | None = None,
-               rollouts: Path | None = None) -> ParityResult:
-    """PPO loss parity: TRL's PPOConfig values (from the spec) vs the NeMo-Aligner keys of the rendered configs,
-    on a fixed rollout batch (`rollouts`, else a seeded synthetic one)."""
+               rollouts: Path | None = None, *, math_only: bool = False, policy_hf: Path | None = None,
+               policy_nemo: Path | None = None, critic_hf: Path | None = None, critic_nemo: Path | None = None,
+               tp: int = 2, batch_size: int | None = None, aligner_dir: Path | None = None,
+               save_rollout: Path | None = None) -> ParityResult:
+    """PPO loss parity: TRL's PPOConfig values (from the spec) vs the NeMo-Aligner keys of the rendered configs.
+
+    By default on the models (`ppo_models`): the current policy's log-probs and the critic's values of a
+    fixed rollout (`rollouts` with tokens, else sampled from the policy) from HF the TRL way and from
+    megatron-core at `tp` the NeMo-Aligner way, each side's numbers through its own PPO math. With
+    `math_only`, only the two formulations on the numbers of `rollouts` (or a seeded synthetic rollout).
+    `save_rollout` writes the rollout used (with its tokens) for a later `rollouts`.
+    """
     from dataclasses import fields
 
     from nemo_rlhf.parity.config import build_sides
     from nemo_rlhf.parity.ppo_math import NemoSettings, TRLSettings, ppo_loss_parity
 
-    rollout = read_rollout(rollouts) if rollouts else None
     sides = build_sides(spec, configs_dir)
     trl = TRLSettings(**{f.name: sides.trl["ppo"][f.name] for f in fields(TRLSettings)})
     nemo = NemoSettings.from_configs(sides.nemo)
-    result = ppo_loss_parity(trl, nemo, rollout, seed=spec.seed if seed is None else seed)
+    seed = spec.seed if seed is None else seed
+    if math_only:
+        if save_rollout is not None:
+            raise UserError("--save-rollout writes the tokens of a rollout the models ran on", where="--save-rollout",
+                            fix="drop --math-only (or --save-rollout)")
+        result = ppo_loss_parity(trl, nemo, read_rollout(rollouts) if rollouts else None, seed=seed)
+        result.meta["rollouts"] = str(rollouts or f"synthetic (ppo_math.synthetic_rollout, seed {seed})")
+    else:
+        from nemo_rlhf.parity.ppo_math import trl_ppo
+        from nemo_rlhf.parity.ppo_models import loss_tolerances, ppo_model_sides
+
+        models = ppo_model_sides(spec, policy_hf=policy_hf, policy_nemo=policy_nemo, critic_hf=critic_hf,
+                                 critic_nemo=critic_nemo, rollouts=rollouts, tp=tp, batch_size=batch_size, seed=seed,
+                                 aligner_dir=aligner_dir, save_rollout=save_rollout)
+        if models.nemo_rollout is None:
+            result = ParityResult("loss", meta={"stage": "ppo", **models.meta})
+            result.checks += models.checks
+            return result
+        tolerances = loss_tolerances(models.rollout, trl_ppo(models.rollout, trl), models.logprob_tol,
+                                     models.value_tol, max(trl.cliprange_value, nemo.loss_clip_val))
+        result = ppo_loss_parity(trl, nemo, models.rollout, seed=seed, nemo_rollout=models.nemo_rollout,
+                                 model_tolerance=tolerances)
+        result.meta.update(models.meta, model_tolerance=tolerances, tolerance=f"{result.meta['tolerance']}; models: "
+                           f"{TOLERANCE_BASIS}; losses: + what that moves them by (ppo_models.loss_tolerances)")
+        result.checks[:0] = models.checks
     result.meta["nemo_configs"] = str(configs_dir or "rendered from the spec")
-    result.meta["rollouts"] = str(rollouts or f"synthetic (ppo_math.synthetic_rollout, seed {result.meta['seed']})")
     return result

@@ -1,4 +1,5 @@
-"""Start `megatron_train_worker` under torchrun (CPU, gloo) for a converted model, as the certificate starts its workers.
+"""Start `megatron_train_worker` under torchrun (CPU, gloo) for a converted model, as the certificate starts
+its workers.
 
 The layout is checked first (torchrun turns a worker's exit code 2 into 1, so a TP the model cannot
 have must fail here, with its own message); the workers get the same PYTHONPATH (an alternative

@@ -16,6 +16,10 @@ NeMo computes:
 * RM (`--stage rm`): chosen and rejected stacked on the batch axis (as NeMo-Aligner's
   reward model does), rewards read at lengths-1 (`verify.megatron_worker.reward_outputs`),
   loss -log sigmoid(r_chosen - r_rejected), mean over the micro-batch's pairs.
+* Critic (`--stage critic`, loss mode only): NeMo-Aligner's critic is the reward model read at
+  every position; writes `mb{i}.values` [B, S] (PPO loss parity: the values of a rollout).
+  A PPO policy's log-probs are `--stage sft`'s per-token CE with the sign flipped (megatron's
+  vocab-parallel CE of the next token: what NeMo-Aligner's DistributedLogprob computes).
 
 The schedule divides each micro-batch loss by the number of micro-batches, so a step's
 gradient is that of the mean of the micro-batch means: NeMo's reduction.
@@ -29,7 +33,7 @@ and writes each step's loss as NeMo logs it (the mean of the micro-batch losses)
 RM, each step's rewards.
 
 Inputs (`--inputs`, safetensors): per micro-batch `mb{i}.tokens` [b, s] and `mb{i}.labels` /
-`mb{i}.loss_mask` (SFT) or `mb{i}.lengths` (RM, chosen lengths then rejected lengths), for
+`mb{i}.loss_mask` (SFT), `mb{i}.lengths` (RM, chosen lengths then rejected lengths) or nothing more (critic), for
 i in 0 .. steps * micro_batches - 1, in training order. The first TP rank writes `--out`.
 """
 
@@ -51,7 +55,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="safetensors to write the results to")
     parser.add_argument("--tp", type=int, required=True)
     parser.add_argument("--vocab", type=int, required=True, help="padded vocabulary size of the model")
-    parser.add_argument("--stage", choices=("sft", "rm"), required=True)
+    parser.add_argument("--stage", choices=("sft", "rm", "critic"), required=True)
     parser.add_argument("--mode", choices=("loss", "train"), required=True)
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps (train)")
     parser.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
@@ -106,8 +110,27 @@ def _rm_step(data_iterator, module):
     return rewards, loss_func
 
 
+def _critic_step(data_iterator, module):
+    """NeMo-Aligner's critic forward: the value head at every position (forward only: no loss)."""
+    from nemo_rlhf.verify.megatron_worker import head_outputs
+
+    tokens = next(data_iterator)["tokens"]
+    positions, mask = _causal(*tokens.shape[::-1])
+    values = head_outputs(module, tokens, positions, mask)[..., 0].transpose(0, 1)  # [b, s]
+
+    def loss_func(output):
+        zero = output.sum() * 0
+        return zero, {"loss": zero.detach(), "values": output.detach().float().clone()}
+
+    return values, loss_func
+
+
+STEPS = {"sft": _sft_step, "rm": _rm_step, "critic": _critic_step}
+KEYS = {"sft": ("tokens", "labels", "loss_mask"), "rm": ("tokens", "lengths"), "critic": ("tokens",)}
+
+
 def _micro_batches(inputs: dict, stage: str, count: int) -> list[dict]:
-    keys = ("tokens", "labels", "loss_mask") if stage == "sft" else ("tokens", "lengths")
+    keys = KEYS[stage]
     return [{k: inputs[f"mb{i}.{k}"] for k in keys} for i in range(count)]
 
 
@@ -116,7 +139,7 @@ def _run_schedule(model, micro_batches: list[dict], stage: str, forward_only: bo
 
     tokens = micro_batches[0]["tokens"]
     return get_forward_backward_func()(
-        forward_step_func=_sft_step if stage == "sft" else _rm_step, data_iterator=iter(micro_batches),
+        forward_step_func=STEPS[stage], data_iterator=iter(micro_batches),
         model=[model], num_microbatches=len(micro_batches), seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0], forward_only=forward_only)
 
@@ -141,6 +164,8 @@ def _loss_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
         if args.stage == "sft":
             out[f"mb{i}.token_ce"] = r["token_ce"]
             out[f"mb{i}.token_ce_gathered"] = _gathered_token_ce(model, mb)
+        elif args.stage == "critic":
+            out[f"mb{i}.values"] = r["values"]
         else:
             out[f"mb{i}.rewards"] = r["rewards"]
     return out
@@ -206,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
     model = build_gpt_model(cfg, args.vocab, args.tp, 1)
-    if args.stage == "rm":
+    if args.stage in ("rm", "critic"):
         attach_reward_head(model, cfg)
     load_weights(model, args.weights)
     inputs = load_file(args.inputs)
+    if args.stage == "critic" and args.mode != "loss":
+        raise ValueError("--stage critic runs in --mode loss only")
     if args.mode == "loss":
         model.eval()
         results = _loss_mode(model, args, inputs)

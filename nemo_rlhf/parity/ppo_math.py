@@ -417,24 +417,30 @@ def tolerance(scale: float) -> float:
     return ATOL + RTOL * scale
 
 
-def ppo_checks(r: Rollout, trl: TRLSettings, nemo: NemoSettings, strict: bool = False) -> list[Check]:
+def ppo_checks(r: Rollout, trl: TRLSettings, nemo: NemoSettings, strict: bool = False,
+               nemo_rollout: Rollout | None = None, model_tolerance: dict[str, float] | None = None) -> list[Check]:
     """One check per quantity: TRL's formulation against NeMo-Aligner's on rollout `r`.
+
+    With `nemo_rollout` (the same rollout with the NeMo side's own current log-probs and values, from
+    megatron-core) the NeMo formulation runs on it, and `model_tolerance` adds, per quantity, how far
+    the two models' fp32 difference can move it (see `ppo_models.loss_tolerances`).
 
     A quantity passes when it is equal within fp32 tolerance, or (unless `strict`) when its difference
     vanishes once the `STRUCTURAL` differences are bridged; the check's value is then that residual,
     and `extra` keeps the raw difference and which structural differences explain it. Configuration
     differences (`setting_differences`) are never bridged: they fail, and the detail names them.
     """
-    ours, theirs = trl_ppo(r, trl), nemo_ppo(r, nemo)
+    r_nemo = nemo_rollout if nemo_rollout is not None else r
+    ours, theirs = trl_ppo(r, trl), nemo_ppo(r_nemo, nemo)
     everything = Bridges(**{name: True for name in STRUCTURAL})
-    bridged = nemo_ppo(r, nemo, everything)
-    without = {name: nemo_ppo(r, nemo, replace(everything, **{name: False})) for name in STRUCTURAL}
+    bridged = nemo_ppo(r_nemo, nemo, everything)
+    without = {name: nemo_ppo(r_nemo, nemo, replace(everything, **{name: False})) for name in STRUCTURAL}
     config_diffs = setting_differences(trl, nemo)
     checks = []
     for quantity, where, what in QUANTITIES:
         raw, scale = _diff(ours, theirs, r, quantity, where)
         residual, _ = _diff(ours, bridged, r, quantity, where)
-        tol = tolerance(scale)
+        tol = tolerance(scale) + (model_tolerance or {}).get(quantity, 0.0)
         explained = [n for n, out in without.items() if raw > tol and _diff(ours, out, r, quantity, where)[0] > tol]
         if raw <= tol:
             detail, value = f"{what}: equal", raw
@@ -471,8 +477,10 @@ def trl_source_checks(r: Rollout, trl: TRLSettings) -> list[Check]:
 
 
 def ppo_loss_parity(trl: TRLSettings, nemo: NemoSettings, rollout: Rollout | None = None, *, seed: int = 0,
-                    strict: bool = False) -> ParityResult:
-    """The whole PPO loss parity result for two settings objects (a seeded synthetic rollout by default)."""
+                    strict: bool = False, nemo_rollout: Rollout | None = None,
+                    model_tolerance: dict[str, float] | None = None) -> ParityResult:
+    """The whole PPO loss parity result for two settings objects (a seeded synthetic rollout by default;
+    `nemo_rollout` and `model_tolerance` as in `ppo_checks`)."""
     r = rollout if rollout is not None else synthetic_rollout(seed=seed)
     result = ParityResult("loss", meta={
         "stage": "ppo", "seed": seed, "strict": strict, "batch": list(r.logprobs.shape),
@@ -480,7 +488,7 @@ def ppo_loss_parity(trl: TRLSettings, nemo: NemoSettings, rollout: Rollout | Non
         "nemo": {k: v for k, v in asdict(nemo).items()}, "config_differences": setting_differences(trl, nemo),
         "structural_differences": STRUCTURAL, "tolerance": f"{ATOL} + {RTOL} x max |TRL value|"})
     result.checks += trl_source_checks(r, trl)
-    result.checks += ppo_checks(r, trl, nemo, strict)
+    result.checks += ppo_checks(r, trl, nemo, strict, nemo_rollout, model_tolerance)
     result.tables["ppo quantities"] = [
         {"quantity": c.name, "TRL": c.extra.get("trl"), "NeMo-Aligner": c.extra.get("nemo"),
          "raw max diff": c.extra.get("raw_max_diff"), "after structural bridges": c.value, "tolerance": c.tolerance,

@@ -110,10 +110,10 @@ def _reward_step(positions, mask, lengths):
     return step
 
 
-def reward_outputs(module, tokens, positions, mask, lengths):
-    """NeMo-Aligner's reward forward of one stage: rewards [B, A] at lengths-1 on the last stage, else hidden states.
+def head_outputs(module, tokens, positions, mask):
+    """The reward head at every position [S, B, A] on the last stage (a critic's values), else hidden states.
 
-    Shared with the parity workers (nemo_rlhf.parity.megatron_train_worker), which train through it.
+    NeMo-Aligner's reward model and critic are one GPT with `rm_head`; the critic reads all positions.
     """
     last_stage = module.post_process
     module.post_process = False
@@ -124,7 +124,18 @@ def reward_outputs(module, tokens, positions, mask, lengths):
     if not last_stage:
         return hidden  # sent on to the next stage
     per_position, _ = module.rm_head(hidden)  # [S, B, A]; bias added inside (skip_bias_add=False)
-    return per_position[lengths - 1, torch.arange(hidden.shape[1])]
+    return per_position
+
+
+def reward_outputs(module, tokens, positions, mask, lengths):
+    """NeMo-Aligner's reward forward of one stage: rewards [B, A] at lengths-1 on the last stage, else hidden states.
+
+    Shared with the parity workers (nemo_rlhf.parity.megatron_train_worker), which train through it.
+    """
+    out = head_outputs(module, tokens, positions, mask)
+    if not module.post_process:
+        return out
+    return out[lengths - 1, torch.arange(out.shape[1])]
 
 
 def _forward(model, tokens: torch.Tensor, lengths: torch.Tensor | None = None):
