@@ -289,10 +289,14 @@ def ppo_parity(spec: PipelineSpec, configs_dir: Path | None = None, seed: int | 
             result = ParityResult("loss", meta={"stage": "ppo", **models.meta})
             result.checks += models.checks
             return result
-        tolerances = loss_tolerances(models.rollout, trl_ppo(models.rollout, trl), models.logprob_tol,
+        tolerances = loss_tolerances(models.rollout, models.nemo_rollout, trl_ppo(models.rollout, trl),
+                                     models.logprob_tol,
                                      models.value_tol, max(trl.cliprange_value, nemo.loss_clip_val))
+        tempered = [] if spec.ppo.temperature == 1.0 else [
+            f"log-prob temperature: TRL's log-probs are of logits / {spec.ppo.temperature}, NeMo-Aligner's of the "
+            "raw logits (set ppo.temperature=1.0)"]
         result = ppo_loss_parity(trl, nemo, models.rollout, seed=seed, nemo_rollout=models.nemo_rollout,
-                                 model_tolerance=tolerances)
+                                 model_tolerance=tolerances, model_differences=tempered)
         result.meta.update(models.meta, model_tolerance=tolerances, tolerance=f"{result.meta['tolerance']}; models: "
                            f"{TOLERANCE_BASIS}; losses: + what that moves them by (ppo_models.loss_tolerances)")
         result.checks[:0] = models.checks

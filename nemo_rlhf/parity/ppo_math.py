@@ -418,16 +418,19 @@ def tolerance(scale: float) -> float:
 
 
 def ppo_checks(r: Rollout, trl: TRLSettings, nemo: NemoSettings, strict: bool = False,
-               nemo_rollout: Rollout | None = None, model_tolerance: dict[str, float] | None = None) -> list[Check]:
+               nemo_rollout: Rollout | None = None, model_tolerance: dict[str, float] | None = None,
+               model_differences: list[str] | None = None) -> list[Check]:
     """One check per quantity: TRL's formulation against NeMo-Aligner's on rollout `r`.
 
     With `nemo_rollout` (the same rollout with the NeMo side's own current log-probs and values, from
     megatron-core) the NeMo formulation runs on it, and `model_tolerance` adds, per quantity, how far
-    the two models' fp32 difference can move it (see `ppo_models.loss_tolerances`).
+    the two models' fp32 difference can move it (see `ppo_models.loss_tolerances`); `model_differences`
+    names settings that make the models' numbers differ (reported with the configuration differences).
 
-    A quantity passes when it is equal within fp32 tolerance, or (unless `strict`) when its difference
-    vanishes once the `STRUCTURAL` differences are bridged; the check's value is then that residual,
-    and `extra` keeps the raw difference and which structural differences explain it. Configuration
+    A quantity passes when (unless `strict`) its difference vanishes once the `STRUCTURAL` differences
+    are bridged: the check's value is that residual, and `extra` keeps the raw difference and which
+    structural differences explain it (a raw match with a residual left is two differences cancelling,
+    and fails). `strict` judges the raw difference. Configuration
     differences (`setting_differences`) are never bridged: they fail, and the detail names them.
     """
     r_nemo = nemo_rollout if nemo_rollout is not None else r
@@ -435,21 +438,23 @@ def ppo_checks(r: Rollout, trl: TRLSettings, nemo: NemoSettings, strict: bool = 
     everything = Bridges(**{name: True for name in STRUCTURAL})
     bridged = nemo_ppo(r_nemo, nemo, everything)
     without = {name: nemo_ppo(r_nemo, nemo, replace(everything, **{name: False})) for name in STRUCTURAL}
-    config_diffs = setting_differences(trl, nemo)
+    config_diffs = setting_differences(trl, nemo) + (model_differences or [])
     checks = []
     for quantity, where, what in QUANTITIES:
         raw, scale = _diff(ours, theirs, r, quantity, where)
         residual, _ = _diff(ours, bridged, r, quantity, where)
         tol = tolerance(scale) + (model_tolerance or {}).get(quantity, 0.0)
         explained = [n for n, out in without.items() if raw > tol and _diff(ours, out, r, quantity, where)[0] > tol]
-        if raw <= tol:
-            detail, value = f"{what}: equal", raw
-        elif residual <= tol and not strict:
-            detail, value = f"{what}: differs by {raw:.3g}, explained by: {', '.join(explained)}", residual
+        value = raw if strict else residual  # not strict: TRL against NeMo made to behave like TRL
+        if value <= tol and raw <= tol:
+            detail = f"{what}: equal"
+        elif value <= tol:
+            detail = f"{what}: differs by {raw:.3g}, explained by: {', '.join(explained)}"
         else:
-            value = raw if strict else residual
-            detail = f"{what}: differs by {raw:.3g}" + (f"; config differences: {'; '.join(config_diffs)}"
-                                                         if config_diffs else "")
+            # a raw match with a residual left is a coincidence of two differences cancelling in a mean
+            detail = f"{what}: differs by {raw:.3g}" + ("" if strict else f" ({residual:.3g} once the structural "
+                                                         "differences are bridged)")
+            detail += f"; config differences: {'; '.join(config_diffs)}" if config_diffs else ""
         checks.append(Check.within(f"ppo/{quantity}", value, tol, detail, raw_max_diff=raw, structural=explained,
                                    trl=_summary(ours[quantity], r, where), nemo=_summary(theirs[quantity], r, where)))
     return checks
@@ -478,17 +483,19 @@ def trl_source_checks(r: Rollout, trl: TRLSettings) -> list[Check]:
 
 def ppo_loss_parity(trl: TRLSettings, nemo: NemoSettings, rollout: Rollout | None = None, *, seed: int = 0,
                     strict: bool = False, nemo_rollout: Rollout | None = None,
-                    model_tolerance: dict[str, float] | None = None) -> ParityResult:
+                    model_tolerance: dict[str, float] | None = None,
+                    model_differences: list[str] | None = None) -> ParityResult:
     """The whole PPO loss parity result for two settings objects (a seeded synthetic rollout by default;
     `nemo_rollout` and `model_tolerance` as in `ppo_checks`)."""
     r = rollout if rollout is not None else synthetic_rollout(seed=seed)
     result = ParityResult("loss", meta={
         "stage": "ppo", "seed": seed, "strict": strict, "batch": list(r.logprobs.shape),
         "responses_without_eos": int((~r.ends_with_eos).sum()), "trl": asdict(trl),
-        "nemo": {k: v for k, v in asdict(nemo).items()}, "config_differences": setting_differences(trl, nemo),
+        "nemo": {k: v for k, v in asdict(nemo).items()},
+        "config_differences": setting_differences(trl, nemo) + (model_differences or []),
         "structural_differences": STRUCTURAL, "tolerance": f"{ATOL} + {RTOL} x max |TRL value|"})
     result.checks += trl_source_checks(r, trl)
-    result.checks += ppo_checks(r, trl, nemo, strict, nemo_rollout, model_tolerance)
+    result.checks += ppo_checks(r, trl, nemo, strict, nemo_rollout, model_tolerance, model_differences)
     result.tables["ppo quantities"] = [
         {"quantity": c.name, "TRL": c.extra.get("trl"), "NeMo-Aligner": c.extra.get("nemo"),
          "raw max diff": c.extra.get("raw_max_diff"), "after structural bridges": c.value, "tolerance": c.tolerance,

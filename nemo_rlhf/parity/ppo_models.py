@@ -207,20 +207,25 @@ def megatron_current(policy_nemo: Path, critic_nemo: Path, tokens: RolloutTokens
 
 # ------------------------------------------------------------------------------------------- checks
 
-def loss_tolerances(r: Rollout, trl_out: dict, logprob_tol: float, value_tol: float,
+def loss_tolerances(r: Rollout, r_nemo: Rollout, trl_out: dict, logprob_tol: float, value_tol: float,
                     value_clip: float) -> dict[str, float]:
     """How far the models' fp32 differences (logprob_tol, value_tol) can move each loss.
 
-    Policy: every term is -A x ratio (or its clamp, which moves less), ratio = exp(new - old), so a
-    log-prob change d moves it by at most |A| ratio (e^d - 1). Value: 0.5 x^2 moves by at most
-    |x| d + d^2 / 2 for x = v - R (clipped: the clamped residual, at most |v - R| + the clip).
+    Policy: each token's term is -A r or -A clamp(r) (the max of the two moves by at most the larger
+    move, the clamp moves less), r = exp(new - old); two log-probs within d give ratios within
+    min(r, r') (e^d - 1), so the masked mean moves by at most the masked mean of |A| min(r, r') (e^d - 1).
+    Value: 0.5 x^2 and 0.5 x'^2 with |x - x'| <= d differ by at most min(|x|, |x'|) d + d^2 / 2, x = v - R
+    (clipped: the clamped residual, at most |v - R| + the clip). The smaller side's numbers are used so
+    that a side far off (another model, tempered log-probs) cannot widen its own tolerance.
     """
-    mask = r.token_mask
-    ratio = torch.exp(r.new_logprobs - r.logprobs)[mask].max()
-    advantage = trl_out["advantages_whitened"].abs()[mask].max()
-    residual = (r.new_values - trl_out["returns"]).abs()[trl_out["value_mask"]].max() + value_clip
-    return {"policy_loss": float(advantage * ratio * (torch.exp(torch.tensor(logprob_tol)) - 1)),
-            "value_loss": float(residual * value_tol + value_tol ** 2 / 2)}
+    from nemo_rlhf.parity.losses import masked_token_mean
+
+    ratio = torch.minimum(torch.exp(r.new_logprobs - r.logprobs), torch.exp(r_nemo.new_logprobs - r.logprobs))
+    policy = masked_token_mean(trl_out["advantages_whitened"].abs() * ratio, r.token_mask)
+    residual = torch.minimum((r.new_values - trl_out["returns"]).abs(),
+                             (r_nemo.new_values - trl_out["returns"]).abs()) + value_clip
+    value = masked_token_mean(residual * value_tol + value_tol ** 2 / 2, trl_out["value_mask"])
+    return {"policy_loss": float(policy * (torch.exp(torch.tensor(logprob_tol)) - 1)), "value_loss": float(value)}
 
 
 def model_checks(tokens: RolloutTokens, r: Rollout, hf: dict, mcore: dict, temperature: float,
