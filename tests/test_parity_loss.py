@@ -13,13 +13,20 @@ import pytest
 from omegaconf import OmegaConf
 
 from nemo_rlhf.parity.config import rendered_configs
-from nemo_rlhf.parity.loss import (fixed_batch, ppo_parity, rm_checks, rm_nemo_inputs, rm_trl_side, sft_checks,
-                                   sft_nemo_inputs, sft_trl_side)
+from nemo_rlhf.parity.loss import (
+    fixed_batch,
+    ppo_parity,
+    rm_checks,
+    rm_nemo_inputs,
+    rm_trl_side,
+    sft_checks,
+    sft_nemo_inputs,
+    sft_trl_side,
+)
 from nemo_rlhf.parity.megatron_launch import run_train_worker
 from nemo_rlhf.parity.models import load_hf, stage_models
 from nemo_rlhf.spec.loader import load_spec
 from tests.helpers import TINY, cli
-
 
 # std 0.1: with HF's 0.02 an untrained model's logits are nearly uniform and a wrong mask moves the loss by
 # only ~4e-4 (FACTS.md); at 0.1 the per-token losses differ and so does the masked mean.
@@ -192,3 +199,25 @@ def test_ppo_models_fail_on_tempered_logprobs_and_another_critic(tmp_path):
     assert {"ppo/logprob_temperature", "ppo/critic_values", "ppo/policy_loss", "ppo/value_loss"} <= set(failed)
     assert "ppo.temperature=1.0" in failed["ppo/logprob_temperature"].detail
     assert "ppo/policy_logprobs" not in failed  # the policy itself is the same model on both sides
+
+
+def test_ppo_replays_the_trl_runs_own_rollout(tmp_path):
+    """The PPO stage keeps its last TRL rollout and the value model that trained on it; parity replays them."""
+    run = tmp_path / "run"
+    cli("run", str(TINY), "--out", str(run), "--until", "ppo", *MODEL_PPO, check=True)
+    notes = json.loads((run / "ppo" / "manifest.json").read_text())["notes"]["parity_rollout"]
+    assert notes["written"] and notes["responses"] == 4 and notes["response_length"] == 16
+
+    proc = cli("parity", "loss", str(TINY), *MODEL_PPO, "--stage", "ppo", "--run-dir", str(run), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    meta = out["meta"]
+    assert meta["rollouts"] == str(run / "ppo" / "rollout.safetensors")
+    assert meta["policy"] == str(run / "ppo" / "model") and meta["critic"] == str(run / "ppo" / "value_model")
+    assert meta["responses_without_eos"] == notes["without_eos"]
+    assert (run / "parity" / "loss-ppo.json").is_file()
+
+    (tmp_path / "cut.safetensors").write_bytes((run / "ppo" / "rollout.safetensors").read_bytes()[:200])
+    bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--run-dir", str(run), "--rollouts",
+              str(tmp_path / "cut.safetensors"))
+    assert bad.returncode == 2 and "cannot read" in bad.stderr and "Traceback" not in bad.stderr

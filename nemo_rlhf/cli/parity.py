@@ -63,9 +63,11 @@ def add_parser(sub) -> None:
     loss.add_argument("--configs", type=Path, help="PPO: NeMo-Aligner keys from rendered configs in this folder")
     loss.add_argument("--rollouts", type=Path, help="PPO: a fixed rollout batch (safetensors: prompt_ids, "
                                                     "prompt_lengths, response_ids and the fields of "
-                                                    "parity.ppo_math.Rollout); default: sampled from the policy")
-    loss.add_argument("--critic", type=Path, help="PPO: the HF value model (default: RUN/rm/model with --run-dir, "
-                                                  "TRL's value model starts from the RM; else built from the spec)")
+                                                    "parity.ppo_math.Rollout); default: RUN/ppo/rollout.safetensors (the TRL run's last rollout) "
+                                                    "with --run-dir, else sampled from the policy")
+    loss.add_argument("--critic", type=Path, help="PPO: the HF value model (default with --run-dir: the one the "
+                                                  "PPO stage trained, RUN/ppo/value_model, else RUN/rm/model; else "
+                                                  "built from the spec)")
     loss.add_argument("--critic-nemo", type=Path, help="PPO: the critic's .nemo (default: converted here)")
     loss.add_argument("--save-rollout", type=Path, help="PPO: write the rollout used to this safetensors file "
                                                         "(reuse it with --rollouts)")
@@ -164,6 +166,26 @@ def _run_model(args, stage: str, flag: str = "hf") -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def _run_critic(args) -> Path | None:
+    """--critic, else the value model the run's PPO stage trained (RUN/ppo/value_model), else RUN/rm/model."""
+    from nemo_rlhf.stages.ppo_rollout import VALUE_MODEL_DIR
+
+    if args.critic is None and args.run_dir is not None and (args.run_dir / "ppo" / VALUE_MODEL_DIR).is_dir():
+        return args.run_dir / "ppo" / VALUE_MODEL_DIR
+    return _run_model(args, "rm", "critic")
+
+
+def _run_rollout(args) -> Path | None:
+    """--rollouts, else the last rollout of the run's TRL PPO stage (RUN/ppo/rollout.safetensors) unless the
+    policy or critic is given (then the run's rollout may not be theirs), else None (sampled here)."""
+    from nemo_rlhf.stages.ppo_rollout import ROLLOUT
+
+    if args.rollouts is not None or args.run_dir is None or args.hf is not None or args.critic is not None:
+        return args.rollouts
+    path = args.run_dir / "ppo" / ROLLOUT
+    return path if path.is_file() and not args.math_only else None
+
+
 def _check_dirs(args, *names: str) -> None:
     from nemo_rlhf.errors import UserError
 
@@ -182,9 +204,9 @@ def run_loss(args) -> int:
     spec = load(args)
     _check_dirs(args, "aligner_data", "configs", "hf", "critic")
     if args.stage == "ppo":
-        return emit(ppo_parity(spec, args.configs, rollouts=args.rollouts, math_only=args.math_only,
+        return emit(ppo_parity(spec, args.configs, rollouts=_run_rollout(args), math_only=args.math_only,
                                policy_hf=_run_model(args, "ppo"), policy_nemo=args.nemo,
-                               critic_hf=_run_model(args, "rm", "critic"),
+                               critic_hf=_run_critic(args),
                                critic_nemo=args.critic_nemo, tp=args.tp, batch_size=args.batch_size,
                                aligner_dir=args.aligner_data, save_rollout=args.save_rollout), args)
     result = sft_rm_loss_parity(spec, args.stage, hf_dir=_run_model(args, args.stage), nemo_path=args.nemo,

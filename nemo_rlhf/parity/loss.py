@@ -225,31 +225,6 @@ def sft_rm_loss_parity(spec: PipelineSpec, stage: str, *, hf_dir: Path | None = 
 
 # ----------------------------------------------------------------------------------------------- PPO
 
-def read_rollout(path: Path, optional: tuple[str, ...] = ()):
-    """A fixed rollout batch from safetensors holding every `ppo_math.Rollout` field (B x T response coordinates);
-    fields in `optional` may be absent (zeros: the caller computes them)."""
-    from dataclasses import fields
-
-    from safetensors.torch import load_file
-
-    from nemo_rlhf.parity.ppo_math import Rollout
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"cannot read {path}: {err}", where="--rollouts", fix="pass a safetensors file") from None
-    names = [f.name for f in fields(Rollout)]
-    missing = [n for n in names if n not in tensors and n not in optional]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}", where="--rollouts",
-                        fix=f"save all of {', '.join(names)} (see nemo_rlhf.parity.ppo_math.Rollout)")
-    like = tensors.get("logprobs")
-    values = {n: tensors[n] if n in tensors else torch.zeros_like(like) for n in names}
-    values["ends_with_eos"] = values["ends_with_eos"].bool()
-    values["lengths"] = values["lengths"].long()
-    return Rollout(**values)
-
-
 def ppo_parity(spec: PipelineSpec, configs_dir: Path | None = None, seed: int | None = None,
                rollouts: Path | None = None, *, math_only: bool = False, policy_hf: Path | None = None,
                policy_nemo: Path | None = None, critic_hf: Path | None = None, critic_nemo: Path | None = None,
@@ -273,6 +248,8 @@ def ppo_parity(spec: PipelineSpec, configs_dir: Path | None = None, seed: int | 
     nemo = NemoSettings.from_configs(sides.nemo)
     seed = spec.seed if seed is None else seed
     if math_only:
+        from nemo_rlhf.parity.rollout_file import read_rollout
+
         if save_rollout is not None:
             raise UserError("--save-rollout writes the tokens of a rollout the models ran on", where="--save-rollout",
                             fix="drop --math-only (or --save-rollout)")

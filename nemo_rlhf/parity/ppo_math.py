@@ -216,6 +216,9 @@ def setting_differences(trl: TRLSettings, nemo: NemoSettings) -> list[str]:
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the mask; 0 for an empty mask (NeMo-Aligner's actor when no response ended: loss x 0)."""
+    if not mask.any():
+        return (x * 0).sum()
     return (x * mask).sum() / mask.sum()
 
 

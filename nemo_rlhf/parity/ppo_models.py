@@ -31,40 +31,12 @@ import torch
 from nemo_rlhf.errors import UserError
 from nemo_rlhf.parity.ppo_math import Rollout
 from nemo_rlhf.parity.report import Check
+from nemo_rlhf.parity.rollout_file import RolloutTokens, read_token_rollout, save_token_rollout
 
 # Seeded moves of the rollout-time numbers away from the current models' (built rollouts only): a policy and
 # critic one PPO epoch further on, so ratios reach past a 0.2 clip and values past a 0.2 value clip; a
 # reference the policy drifted from (KL ~0.05 per token). Same sizes as ppo_math.synthetic_rollout.
 OLD_POLICY_STD, REFERENCE_STD, OLD_VALUE_STD = 0.15, 0.3, 0.3
-
-
-@dataclass(frozen=True)
-class RolloutTokens:
-    """The tokens of a rollout in TRL's layout (the Rollout's numbers are per response position)."""
-
-    prompt_ids: torch.Tensor  # (B, P) left-padded with the pad id
-    prompt_lengths: torch.Tensor  # (B,)
-    response_ids: torch.Tensor  # (B, T) the pad id after the EOS / the last real token
-
-    FIELDS = ("prompt_ids", "prompt_lengths", "response_ids")
-
-    def query_responses(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], 1)
-
-    def nemo_rows(self, pad_id: int) -> torch.Tensor:
-        """NeMo-Aligner's layout: each row its prompt then its response, right-padded to one width."""
-        width = int(self.prompt_lengths.max()) + self.response_ids.shape[1]
-        rows = torch.full((len(self.prompt_lengths), width), pad_id, dtype=torch.long)
-        start = self.prompt_ids.shape[1] - self.prompt_lengths
-        for i, (s, p) in enumerate(zip(start.tolist(), self.prompt_lengths.tolist())):
-            rows[i, :p] = self.prompt_ids[i, s:]
-            rows[i, p:p + self.response_ids.shape[1]] = self.response_ids[i]
-        return rows
-
-    def response_index(self) -> torch.Tensor:
-        """(B, T) index into NeMo's next-token coordinates (row[:, :-1]) of each response token's prediction."""
-        t = torch.arange(self.response_ids.shape[1]).unsqueeze(0)
-        return self.prompt_lengths.unsqueeze(1) - 1 + t
 
 
 # ------------------------------------------------------------------------------------------- the rollout
@@ -144,44 +116,6 @@ def build_rollout(current: dict[str, torch.Tensor], lengths: torch.Tensor, ends:
     return Rollout(lengths=lengths, ends_with_eos=ends, logprobs=old, ref_logprobs=old + noise(REFERENCE_STD),
                    values=current["values"] + noise(OLD_VALUE_STD), scores=current["scores"],
                    new_logprobs=current["logprobs"], new_values=current["values"])
-
-
-def read_token_rollout(path: Path) -> tuple[RolloutTokens, Rollout]:
-    """A rollout file with tokens: `RolloutTokens.FIELDS` plus Rollout's fields (new_* may be absent: the
-    models compute them)."""
-    from safetensors.torch import load_file
-
-    from nemo_rlhf.parity.loss import read_rollout
-
-    tensors = load_file(str(path))
-    missing = [n for n in RolloutTokens.FIELDS if n not in tensors]
-    if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: the models need the rollout's tokens",
-                        where="--rollouts", fix="save prompt_ids (left-padded), prompt_lengths and response_ids, "
-                                                "or pass --math-only to compare the formulations on its numbers")
-    tokens = RolloutTokens(tensors["prompt_ids"].long(), tensors["prompt_lengths"].long(),
-                           tensors["response_ids"].long())
-    rollout = read_rollout(path, optional=("new_logprobs", "new_values"))
-    b, t = tokens.response_ids.shape
-    if rollout.logprobs.shape != (b, t) or len(tokens.prompt_lengths) != b:
-        raise UserError(f"{path}: response_ids is {b} x {t} but logprobs is {tuple(rollout.logprobs.shape)} and "
-                        f"prompt_lengths has {len(tokens.prompt_lengths)}", where="--rollouts",
-                        fix="save every per-position field in response coordinates (B x T)")
-    return tokens, rollout
-
-
-def save_token_rollout(path: Path, tokens: RolloutTokens, rollout: Rollout) -> Path:
-    """Write a rollout `read_token_rollout` reads back (atomically)."""
-    from dataclasses import asdict
-
-    from safetensors.torch import save
-
-    from nemo_rlhf.atomic_file import atomic_open
-
-    tensors = {**{name: getattr(tokens, name) for name in RolloutTokens.FIELDS}, **asdict(rollout)}
-    with atomic_open(path, "wb") as handle:
-        handle.write(save({k: v.contiguous() for k, v in tensors.items()}))
-    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------- the NeMo side

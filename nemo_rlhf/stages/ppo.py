@@ -11,6 +11,10 @@ last), scoring each response with the proxy RM (the one PPO optimises) and, when
 `gold_rm.enabled`, the gold RM, with its sequence KL to the reference policy: ppo/samples.jsonl
 in the gate's responses-file format (the reward_hacking detector's input), and the step-0
 rows again as ppo/baseline.jsonl (the gate's baseline).
+
+Besides the policy (ppo/model) the stage saves the trained value model (ppo/value_model) and the
+last rollout it trained on (ppo/rollout.safetensors, `stages.ppo_rollout`): the fixed rollout and
+models `nemo-rlhf parity loss --stage ppo --run-dir RUN` replays on megatron-core.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from nemo_rlhf.pipeline import data_plan
 from nemo_rlhf.spec.paths import data_path
 from nemo_rlhf.spec.schema import PipelineSpec
 from nemo_rlhf.stages.base_model import MODEL_DIR
+from nemo_rlhf.stages.ppo_rollout import VALUE_MODEL_DIR, RolloutCapture
 from nemo_rlhf.stages.training import (
     TRAIN_LOG,
     LogRecorder,
@@ -230,7 +235,8 @@ class PPOStage:
         for m in (policy, ref_policy, reward_model, value_model):
             m.config.pad_token_id = tokenizer.pad_token_id
         recorder = PPOLogRecorder(ctx.out / TRAIN_LOG, tokenizer.eos_token_id)
-        callbacks = [recorder]
+        capture = RolloutCapture(tokenizer.pad_token_id, spec.ppo.missing_eos_penalty)
+        callbacks = [recorder, capture]
         if spec.ppo.sample_every:
             models = {"policy": policy, "reference": ref_policy, "proxy_rm": reward_model}
             if "gold_rm" in ctx.parents:
@@ -263,6 +269,9 @@ class PPOStage:
         with recorder.record_rollouts():
             timed_train(ctx, trainer)
         save_model(policy, tokenizer, ctx.out / MODEL_DIR)
+        # the critic and the last rollout it trained on: what `nemo-rlhf parity loss --stage ppo` replays
+        save_model(value_model, tokenizer, ctx.out / VALUE_MODEL_DIR)
+        ctx.notes["parity_rollout"] = capture.write(ctx.out)
         save_curves(ctx, recorder.rows, CURVES, f"PPO ({spec.name})")
         metrics = final_metrics(recorder.rows, FINAL_KEYS)
         metrics["updates"] = trainer.state.global_step
