@@ -163,7 +163,7 @@ def test_ppo_missing_eos_penalty_and_k3_fail():
 MODEL_PPO = [WIDER_INIT, *ALIGNED_PPO, "ppo.temperature=1.0"]
 
 
-def test_ppo_models_agree_at_tp2_and_a_saved_rollout_reruns(tmp_path):
+def test_ppo_models_agree_at_tp2_and_the_rollout_is_saved(tmp_path):
     rollout = tmp_path / "rollout.safetensors"
     result = ppo_parity(load_spec(TINY, MODEL_PPO), save_rollout=rollout)
     assert result.passed, [(c.name, c.value, c.tolerance, c.detail[:300]) for c in result.checks if not c.passed]
@@ -174,15 +174,11 @@ def test_ppo_models_agree_at_tp2_and_a_saved_rollout_reruns(tmp_path):
     assert checks["ppo/policy_loss"].extra["raw_max_diff"] > 1e-3
     assert result.meta["tp"] == 2 and result.meta["responses_without_eos"] == 1 and result.meta["response_tokens"] > 8
 
-    proc = cli("parity", "loss", str(TINY), *MODEL_PPO, "--stage", "ppo", "--rollouts", str(rollout), "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
-    assert out["meta"]["rollouts"] == str(rollout) and out["meta"]["response_tokens"] == result.meta["response_tokens"]
-    assert {c["name"]: c["value"] for c in out["checks"]}["ppo/policy_logprobs"] < 1e-4
-
+    # the saved rollout is what was used (test_ppo_replays_the_trl_runs_own_rollout reads one back through the CLI)
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(rollout)
+    assert int(tensors["lengths"].sum()) == result.meta["response_tokens"] and "new_logprobs" in tensors
     del tensors["prompt_ids"]
     save_file(tensors, tmp_path / "no-tokens.safetensors")
     bad = cli("parity", "loss", str(TINY), "--stage", "ppo", "--rollouts", str(tmp_path / "no-tokens.safetensors"))

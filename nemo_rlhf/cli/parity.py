@@ -63,8 +63,9 @@ def add_parser(sub) -> None:
     loss.add_argument("--configs", type=Path, help="PPO: NeMo-Aligner keys from rendered configs in this folder")
     loss.add_argument("--rollouts", type=Path, help="PPO: a fixed rollout batch (safetensors: prompt_ids, "
                                                     "prompt_lengths, response_ids and the fields of "
-                                                    "parity.ppo_math.Rollout); default: RUN/ppo/rollout.safetensors (the TRL run's last rollout) "
-                                                    "with --run-dir, else sampled from the policy")
+                                                    "parity.ppo_math.Rollout); default: the TRL run's last rollout "
+                                                    "(RUN/ppo/rollout.safetensors) with --run-dir, else sampled "
+                                                    "from the policy")
     loss.add_argument("--critic", type=Path, help="PPO: the HF value model (default with --run-dir: the one the "
                                                   "PPO stage trained, RUN/ppo/value_model, else RUN/rm/model; else "
                                                   "built from the spec)")

@@ -203,6 +203,7 @@ def ppo_model_sides(spec, *, policy_hf: Path | None, policy_nemo: Path | None, c
     from nemo_rlhf.parity.loss import _tolerance, fixed_batch
     from nemo_rlhf.parity.models import load_hf, stage_models
 
+    given = read_token_rollout(rollouts) if rollouts is not None else None  # bad files fail before any work
     with tempfile.TemporaryDirectory(prefix="nemo-rlhf-parity-ppo-") as tmp:
         policy = stage_models(spec, "sft", Path(tmp) / "policy", policy_hf, policy_nemo)
         critic = stage_models(spec, "rm", Path(tmp) / "critic", critic_hf, critic_nemo)
@@ -219,10 +220,10 @@ def ppo_model_sides(spec, *, policy_hf: Path | None, policy_nemo: Path | None, c
         hf_policy, hf_critic = load_hf(policy, "sft"), load_hf(critic, "rm")
         temperature = spec.ppo.temperature
         checks: list[Check] = []
-        if rollouts is not None:
-            tokens, given = read_token_rollout(rollouts)
+        if given is not None:
+            tokens = given[0]
             hf = hf_current(hf_policy, hf_critic, tokens, pad, temperature)
-            rollout = replace(given, new_logprobs=hf["logprobs"], new_values=hf["values"])
+            rollout = replace(given[1], new_logprobs=hf["logprobs"], new_values=hf["values"])
             source = str(rollouts)
         else:
             size = batch_size or spec.ppo.rollout_batch_size

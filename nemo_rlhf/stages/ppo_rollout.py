@@ -43,7 +43,12 @@ def _train_frame():
 
 
 class RolloutCapture(TrainerCallback):
-    """Copies the rollout of every PPO step; `write` saves the last one."""
+    """Copies the rollout of the last PPO step; `write` saves it.
+
+    Only the last step: on Python < 3.13 reading a running frame's f_locals leaves a snapshot dict on
+    the frame that keeps those tensors alive until the next read or the frame's end (here: train()
+    returning right after), so reading every step would hold one extra rollout through the next.
+    """
 
     def __init__(self, pad_id: int, missing_eos_penalty: float | None):
         self.pad_id, self.penalty = pad_id, missing_eos_penalty
@@ -51,6 +56,8 @@ class RolloutCapture(TrainerCallback):
         self.problem = ""
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps:
+            return
         frame = _train_frame()
         seen = frame.f_locals if frame is not None else {}
         missing = [n for n in NAMES if n not in seen]
@@ -73,7 +80,7 @@ class RolloutCapture(TrainerCallback):
     def write(self, out: Path) -> dict:
         """Save the last rollout to out/ROLLOUT; the note for the manifest."""
         if self.last is None:
-            return {"written": False, "why": self.problem or "no PPO step ran"}
+            return {"written": False, "why": self.problem or "TRL's train loop did not reach its last step"}
         tokens, rollout = self.last
         save_token_rollout(out / ROLLOUT, tokens, rollout, with_current=False)
         return {"written": True, "file": ROLLOUT, "value_model": VALUE_MODEL_DIR,
