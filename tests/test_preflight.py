@@ -135,6 +135,12 @@ def test_sequence_parallel_at_tp1_warns():
     assert "does nothing at tp=1" in report.render()
 
 
+def test_tempered_logprobs_warn():
+    report = run_preflight(load_spec(SMALL, ["ppo.temperature=0.7"]))
+    assert [w.key for w in report.warnings] == ["ppo.temperature"]
+    assert "raw logits" in report.render() and "ppo.temperature=1.0" in report.render()
+
+
 def test_tensor_parallel_across_nodes_warns():
     report = run_preflight(load_spec(SMALL, ["cluster.gpus_per_node=2", "parallel.sft.nodes=4", "parallel.sft.tp=4",
                                              "model.arch.num_attention_heads=16", "model.arch.num_query_groups=4"]))

@@ -207,6 +207,10 @@ def check_ppo(ctx: Context) -> None:
     if p.missing_eos_penalty is not None:
         ctx.warn("ppo.missing_eos_penalty", "NeMo-Aligner has no missing-EOS penalty: it is ignored at large scale",
                  "set ppo.missing_eos_penalty=null to say so, or compare scales knowing this differs")
+    if p.temperature != 1.0:
+        ctx.warn("ppo.temperature", f"{p.temperature}: NeMo-Aligner samples at it but computes log-probs (KL, PPO "
+                 "ratios) from the raw logits, TRL from logits / temperature: the two scales optimise different "
+                 "objectives", "set ppo.temperature=1.0 (see `nemo-rlhf parity config`)")
 
 
 def check_lengths(ctx: Context) -> None:
