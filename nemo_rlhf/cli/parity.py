@@ -8,6 +8,7 @@
     nemo-rlhf parity model  SPEC [--stage sft|rm|ppo] [--hf DIR] [--nemo PATH] [--tp N --pp M]
     nemo-rlhf parity curves SPEC --stage sft|rm [--steps N] [--tp 2] [--aligner-data DIR]
     nemo-rlhf parity curves [SPEC] --stage sft|rm|ppo --tensorboard DIR --trl-log train_log.jsonl
+    nemo-rlhf parity all    SPEC [key=value ...] [--run-dir RUN] [--only LAYERS] [--skip LAYERS]
 
 Without --hf the stage's model is RUN/<stage>/model (with --run-dir) or the spec's random base model built
 as the pipeline builds it; without --nemo it is converted here with our converter. megatron-core runs on
@@ -105,6 +106,17 @@ def add_parser(sub) -> None:
                         help="with --tensorboard: largest mean |NeMo - TRL| / mean |TRL| per metric (default 0.1)")
     curves.set_defaults(func=run_curves)
 
+    every = verbs.add_parser("all", help="every layer in order (config, data, model, loss, curves): each result "
+                                         "written and recorded as its own verb's, plus one summary")
+    _common(every)
+    every.add_argument("--configs", type=Path, help="rendered NeMo-Aligner configs (default: rendered from the spec)")
+    every.add_argument("--aligner-data", type=Path, help="NeMo-Aligner data files (default: rendered from the rows)")
+    every.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the loss and curve checks")
+    every.add_argument("--steps", type=int, default=4, help="optimizer steps of the curve checks (default 4)")
+    every.add_argument("--only", help="comma-separated layers to run (config,data,model,loss,curves)")
+    every.add_argument("--skip", help="comma-separated layers to leave out")
+    every.set_defaults(func=run_all)
+
 
 def load(args):
     """The spec of a parity verb (UserError, exit 2, when it is missing or invalid)."""
@@ -121,16 +133,11 @@ def load(args):
     return load_spec(args.spec, args.overrides)
 
 
-def emit(result, args) -> int:
-    """Print, report and record a ParityResult; the exit code."""
-    from nemo_rlhf.errors import UserError
+def _save(result, args, log) -> None:
+    """Write a ParityResult into --report and record it in --run-dir (when given)."""
     from nemo_rlhf.lineage.record import write_json_atomic
-    from nemo_rlhf.parity.report import format_text, record_in_run, write_report
+    from nemo_rlhf.parity.report import record_in_run, write_report
 
-    log = sys.stderr if args.json else sys.stdout
-    if args.run_dir is not None and not args.run_dir.is_dir():
-        raise UserError(f"{args.run_dir} is not a run directory", where="--run-dir",
-                        fix="pass the folder `nemo-rlhf run` or `nemo-rlhf slurm render` wrote")
     if args.report:
         from nemo_rlhf.parity.logs import plot_series
 
@@ -141,11 +148,47 @@ def emit(result, args) -> int:
         print(f"report: {', '.join(str(p) for p in written)}", file=log)
     if args.run_dir:
         print(f"recorded in {record_in_run(result, args.run_dir)}", file=log)
+
+
+def emit(result, args) -> int:
+    """Print, report and record a ParityResult; the exit code."""
+    from nemo_rlhf.errors import UserError
+    from nemo_rlhf.parity.report import format_text
+
+    log = sys.stderr if args.json else sys.stdout
+    if args.run_dir is not None and not args.run_dir.is_dir():
+        raise UserError(f"{args.run_dir} is not a run directory", where="--run-dir",
+                        fix="pass the folder `nemo-rlhf run` or `nemo-rlhf slurm render` wrote")
+    _save(result, args, log)
     if args.json:
         print(json.dumps(result.to_dict(), default=str))
     else:
         print(format_text(result))
     return 0 if result.passed else 1
+
+
+def run_all(args) -> int:
+    from nemo_rlhf.errors import UserError
+    from nemo_rlhf.parity.all_layers import LAYERS, Inputs, all_layers
+
+    chosen = [name.strip() for name in (args.only or ",".join(LAYERS)).split(",") if name.strip()]
+    skipped = [name.strip() for name in (args.skip or "").split(",") if name.strip()]
+    unknown = sorted(set(chosen + skipped) - set(LAYERS))
+    if unknown:
+        raise UserError(f"unknown layer(s): {', '.join(unknown)}", where="--only/--skip",
+                        fix=f"use a comma-separated list of {', '.join(LAYERS)}")
+    layers = tuple(name for name in LAYERS if name in chosen and name not in skipped)
+    if not layers:
+        raise UserError("no layer left to check", where="--only/--skip", fix="keep at least one layer")
+    if args.steps < 1:
+        raise UserError("--steps must be >= 1", where="--steps", fix="pass 1 or more")
+    spec = load(args)
+    _check_dirs(args, "aligner_data", "configs")
+    summary, results = all_layers(Inputs(spec, str(args.spec), args.run_dir, args.configs, args.aligner_data,
+                                         args.tp, args.steps), layers)
+    for result in results:
+        _save(result, args, sys.stderr if args.json else sys.stdout)
+    return emit(summary, args)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
