@@ -203,6 +203,19 @@ def test_ppo_replays_the_trl_runs_own_rollout(tmp_path):
     cli("run", str(TINY), "--out", str(run), "--until", "ppo", *MODEL_PPO, check=True)
     notes = json.loads((run / "ppo" / "manifest.json").read_text())["notes"]["parity_rollout"]
     assert notes["written"] and notes["responses"] == 4 and notes["response_length"] == 16
+    # the captured tensors are TRL's, aligned: its reference log-probs are the SFT model's of those tokens
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from nemo_rlhf.parity.ppo_models import hf_current
+    from nemo_rlhf.parity.rollout_file import read_token_rollout
+
+    tokens, rollout = read_token_rollout(run / "ppo" / "rollout.safetensors")
+    reference = AutoModelForCausalLM.from_pretrained(run / "sft" / "model")
+    critic = AutoModelForSequenceClassification.from_pretrained(run / "ppo" / "value_model")
+    pad = reference.config.pad_token_id
+    assert pad is not None and not (tokens.prompt_ids[:, -1] == pad).any()  # left-padded prompts
+    ours = hf_current(reference, critic, tokens, pad, 1.0)["logprobs"]
+    assert (ours - rollout.ref_logprobs).abs()[rollout.token_mask].max() < 1e-4
 
     proc = cli("parity", "loss", str(TINY), *MODEL_PPO, "--stage", "ppo", "--run-dir", str(run), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
