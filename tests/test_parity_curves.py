@@ -55,6 +55,17 @@ def test_rm_curves_agree_and_a_shuffled_data_order_fails(tmp_path):
     assert (tmp_path / "rep" / "curves-rm-curves.png").is_file()
 
 
+def test_pipeline_parallel_loss_and_training_agree():
+    """TP1 x PP2: megatron's pipelined schedule over gloo (p2p activations and gradients between the stages)."""
+    from nemo_rlhf.parity.loss import sft_rm_loss_parity
+
+    loss = sft_rm_loss_parity(load_spec(TINY, SFT), "sft", tp=1, pp=2, batch_size=2)
+    assert loss.passed and loss.meta["pp"] == 2, [(c.name, c.value, c.tolerance) for c in loss.checks]
+    assert {c.name for c in loss.checks} >= {"sft/token_ce", "sft/loss", "sft/loss_mask"}
+    curves = curve_parity(load_spec(TINY, RM), "rm", 2, tp=1, pp=2)
+    assert curves.passed and curves.meta["pp"] == 2, [(c.name, c.value, c.tolerance) for c in curves.checks]
+
+
 # ----------------------------------------------------------------------------------------------- logs
 
 def _nemo_events(folder, stage_tags: dict[str, list[float]]):

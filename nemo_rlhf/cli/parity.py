@@ -57,6 +57,7 @@ def add_parser(sub) -> None:
     _common(loss)
     loss.add_argument("--stage", choices=STAGES, required=True)
     _model_args(loss)
+    _pp_arg(loss)
     loss.add_argument("--aligner-data", type=Path, help="NeMo side from these NeMo-Aligner files (`nemo-rlhf data "
                                                         "prepare-aligner`); default: rendered from the TRL rows")
     loss.add_argument("--batch-size", type=int, help="examples (RM: pairs, PPO: prompts) in the batch; default: "
@@ -96,6 +97,7 @@ def add_parser(sub) -> None:
     curves.add_argument("--stage", choices=STAGES, required=True, help="sft or rm (training); sft, rm or ppo (logs)")
     curves.add_argument("--steps", type=int, default=4, help="optimizer steps on both sides (default 4)")
     _model_args(curves)
+    _pp_arg(curves)
     curves.add_argument("--aligner-data", type=Path, help="megatron side reads these NeMo-Aligner files, in order")
     curves.add_argument("--tensorboard", type=Path, help="compare logs instead: a NeMo run's TensorBoard folder")
     curves.add_argument("--trl-log", type=Path, help="with --tensorboard: the TRL stage's train_log.jsonl")
@@ -112,6 +114,7 @@ def add_parser(sub) -> None:
     every.add_argument("--configs", type=Path, help="rendered NeMo-Aligner configs (default: rendered from the spec)")
     every.add_argument("--aligner-data", type=Path, help="NeMo-Aligner data files (default: rendered from the rows)")
     every.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the loss and curve checks")
+    _pp_arg(every)
     every.add_argument("--steps", type=int, default=4, help="optimizer steps of the curve checks (default 4)")
     every.add_argument("--only", help="comma-separated layers to run (config,data,model,loss,curves)")
     every.add_argument("--skip", help="comma-separated layers to leave out")
@@ -185,7 +188,7 @@ def run_all(args) -> int:
     spec = load(args)
     _check_dirs(args, "aligner_data", "configs")
     summary, results = all_layers(Inputs(spec, str(args.spec), args.run_dir, args.configs, args.aligner_data,
-                                         args.tp, args.steps), layers)
+                                         args.tp, args.steps, args.pp), layers)
     for result in results:
         _save(result, args, sys.stderr if args.json else sys.stdout)
     return emit(summary, args)
@@ -197,6 +200,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                            "builds it)")
     p.add_argument("--nemo", type=Path, help="its .nemo (default: converted here with `nemo-rlhf convert`)")
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size megatron-core runs at (default 2)")
+
+
+def _pp_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size megatron-core runs at (default 1; "
+                                                     "TP x PP CPU processes)")
 
 
 def _run_model(args, stage: str, flag: str = "hf") -> Path | None:
@@ -251,10 +259,10 @@ def run_loss(args) -> int:
         return emit(ppo_parity(spec, args.configs, rollouts=_run_rollout(args), math_only=args.math_only,
                                policy_hf=_run_model(args, "ppo"), policy_nemo=args.nemo,
                                critic_hf=_run_critic(args),
-                               critic_nemo=args.critic_nemo, tp=args.tp, batch_size=args.batch_size,
+                               critic_nemo=args.critic_nemo, tp=args.tp, pp=args.pp, batch_size=args.batch_size,
                                aligner_dir=args.aligner_data, save_rollout=args.save_rollout), args)
     result = sft_rm_loss_parity(spec, args.stage, hf_dir=_run_model(args, args.stage), nemo_path=args.nemo,
-                                aligner_dir=args.aligner_data, tp=args.tp, batch_size=args.batch_size)
+                                aligner_dir=args.aligner_data, tp=args.tp, pp=args.pp, batch_size=args.batch_size)
     return emit(result, args)
 
 
@@ -309,7 +317,7 @@ def run_curves(args) -> int:
 
     spec = load(args)
     _check_dirs(args, "aligner_data", "hf")
-    return emit(curve_parity(spec, args.stage, args.steps, tp=args.tp, hf_dir=_run_model(args, args.stage),
+    return emit(curve_parity(spec, args.stage, args.steps, tp=args.tp, pp=args.pp, hf_dir=_run_model(args, args.stage),
                              nemo_path=args.nemo, aligner_dir=args.aligner_data), args)
 
 

@@ -31,6 +31,7 @@ class Inputs:
     aligner_dir: Path | None = None
     tp: int = 2
     steps: int = 4
+    pp: int = 1
 
     def run_path(self, *parts: str) -> Path | None:
         """RUN/<parts> when the run has it, else None (the layer builds its model from the spec)."""
@@ -58,10 +59,10 @@ def _jobs(x: Inputs) -> list[tuple[str, str, Callable[[], ParityResult]]]:
         ("data", "data", lambda: data_parity(spec, x.aligner_dir)),
         *[("model", f"model-{s}", lambda s=s: model_parity(spec, s, hf[s])) for s in ("sft", "rm", "ppo")],
         *[("loss", f"loss-{s}", lambda s=s: sft_rm_loss_parity(spec, s, hf_dir=hf[s], aligner_dir=x.aligner_dir,
-                                                                tp=x.tp)) for s in ("sft", "rm")],
+                                                                tp=x.tp, pp=x.pp)) for s in ("sft", "rm")],
         ("loss", "loss-ppo", lambda: ppo_parity(spec, x.configs_dir, rollouts=rollout, policy_hf=hf["ppo"],
-                                                critic_hf=critic, tp=x.tp, aligner_dir=x.aligner_dir)),
-        *[("curves", f"curves-{s}", lambda s=s: curve_parity(spec, s, x.steps, tp=x.tp, hf_dir=hf[s],
+                                                critic_hf=critic, tp=x.tp, pp=x.pp, aligner_dir=x.aligner_dir)),
+        *[("curves", f"curves-{s}", lambda s=s: curve_parity(spec, s, x.steps, tp=x.tp, pp=x.pp, hf_dir=hf[s],
                                                               aligner_dir=x.aligner_dir)) for s in ("sft", "rm")],
     ]
 

@@ -133,7 +133,7 @@ def curve_checks(stage: str, trl_rows: list[dict], mcore: dict, step0_tol: float
     return checks, table
 
 
-def curve_parity(spec: PipelineSpec, stage: str, steps: int, *, tp: int = 2, hf_dir: Path | None = None,
+def curve_parity(spec: PipelineSpec, stage: str, steps: int, *, tp: int = 2, pp: int = 1, hf_dir: Path | None = None,
                  nemo_path: Path | None = None, aligner_dir: Path | None = None,
                  report_dir: Path | None = None) -> ParityResult:
     """Train `steps` steps on both sides and compare the curves (see the module doc)."""
@@ -149,11 +149,11 @@ def curve_parity(spec: PipelineSpec, stage: str, steps: int, *, tp: int = 2, hf_
         adam = adam_settings(section)
         options = {"steps": steps, "micro-batches": 1, "lr": section.lr, "weight-decay": section.weight_decay,
                    "adam-beta1": adam["adam_beta1"], "adam-beta2": adam["adam_beta2"], "adam-eps": adam["adam_epsilon"]}
-        run = run_train_worker(models.nemo_path, inputs, len(models.tokenizer), tp, stage, "train", options)
+        run = run_train_worker(models.nemo_path, inputs, len(models.tokenizer), tp, stage, "train", options, pp=pp)
         model = load_hf(models, stage)
         tied = bool(getattr(model.config, "tie_word_embeddings", False)) and stage == "sft"
         trl_rows = trl_curve(spec, stage, steps, model, models.tokenizer, batch.trl_rows, Path(tmp))
-    result = ParityResult("curves", meta={"stage": stage, "steps": steps, "tp": tp, "lr": section.lr,
+    result = ParityResult("curves", meta={"stage": stage, "steps": steps, "tp": tp, "pp": pp, "lr": section.lr,
                                           "tied_embeddings": tied,
                                           "micro_batch": section.micro_batch_size, "tolerance": CURVE_BASIS,
                                           "aligner_data": str(aligner_dir or "rendered from the TRL rows")})

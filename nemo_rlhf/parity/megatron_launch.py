@@ -31,19 +31,19 @@ class WorkerRun:
     meta: dict[str, str]
 
 
-def padded_vocab(folder_or_nemo: Path, tokenizer_len: int, tp: int) -> tuple[dict, int]:
+def padded_vocab(folder_or_nemo: Path, tokenizer_len: int, tp: int, pp: int = 1) -> tuple[dict, int]:
     """(model config, padded vocabulary at TP), with the layout checked for a model of that kind."""
     from nemo_rlhf.verify.certificate import check_layout
 
     cfg = model_config.parse_model_config(nemo_archive.read_config_text(folder_or_nemo), str(folder_or_nemo))
     _, padded = model_config.vocab_sizes(cfg, tokenizer_len, tp)
-    check_layout(cfg, padded, tp, 1, reward=reward_head.kind_of_nemo(cfg) == reward_head.REWARD)
+    check_layout(cfg, padded, tp, pp, reward=reward_head.kind_of_nemo(cfg) == reward_head.REWARD)
     return cfg, padded
 
 
 def run_train_worker(nemo_path: Path, inputs: dict[str, torch.Tensor], tokenizer_len: int, tp: int, stage: str,
-                     mode: str, options: dict | None = None, timeout: int = 900) -> WorkerRun:
-    """One torchrun of TP workers over `inputs` (see the worker's module doc for the keys).
+                     mode: str, options: dict | None = None, timeout: int = 900, pp: int = 1) -> WorkerRun:
+    """One torchrun of TP x PP workers over `inputs` (see the worker's module doc for the keys).
 
     Args:
         options: further worker flags, e.g. {"steps": 3, "micro-batches": 1, "lr": 1e-3}.
@@ -56,14 +56,16 @@ def run_train_worker(nemo_path: Path, inputs: dict[str, torch.Tensor], tokenizer
 
     from nemo_rlhf.verify.certificate import megatron_path
 
-    _, padded = padded_vocab(nemo_path, tokenizer_len, tp)
+    _, padded = padded_vocab(nemo_path, tokenizer_len, tp, pp)
     megatron_dir = megatron_path(None)
     with nemo_archive.open_nemo(nemo_path) as folder, tempfile.TemporaryDirectory(prefix="nemo-rlhf-parity-") as tmp:
         save_file({k: v.contiguous() for k, v in inputs.items()}, f"{tmp}/inputs.safetensors")
         out = Path(tmp) / "out.safetensors"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}", "-m", WORKER,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
+               "-m", WORKER,
                "--config", str(folder / nemo_archive.CONFIG_NAME), "--weights", str(folder / nemo_archive.WEIGHTS_DIR),
-               "--inputs", f"{tmp}/inputs.safetensors", "--out", str(out), "--tp", str(tp), "--vocab", str(padded),
+               "--inputs", f"{tmp}/inputs.safetensors", "--out", str(out), "--tp", str(tp), "--pp", str(pp),
+               "--vocab", str(padded),
                "--stage", stage, "--mode", mode]
         for key, value in (options or {}).items():
             cmd += [f"--{key}", str(value)]

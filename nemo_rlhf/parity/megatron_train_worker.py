@@ -24,6 +24,10 @@ NeMo computes:
 The schedule divides each micro-batch loss by the number of micro-batches, so a step's
 gradient is that of the mean of the micro-batch means: NeMo's reduction.
 
+With `--pp` > 1 the schedule is megatron's pipelined one (p2p over gloo): the micro-batches of one call
+are right-padded to one width (its p2p tensors have one shape), the results come from the last stage,
+and SFT's gathered-logits CE is not computed (the model is called outside the schedule for it).
+
 `--mode loss` runs one batch forward only and writes the per-token CE (SFT: from megatron's
 vocab-parallel CE and from the full-vocabulary logits) or the rewards (RM). `--mode train` runs
 `--steps` optimizer steps with megatron's DistributedDataParallel and `get_megatron_optimizer`
@@ -34,7 +38,7 @@ RM, each step's rewards.
 
 Inputs (`--inputs`, safetensors): per micro-batch `mb{i}.tokens` [b, s] and `mb{i}.labels` /
 `mb{i}.loss_mask` (SFT), `mb{i}.lengths` (RM, chosen lengths then rejected lengths) or nothing more (critic), for
-i in 0 .. steps * micro_batches - 1, in training order. The first TP rank writes `--out`.
+i in 0 .. steps * micro_batches - 1, in training order. The first TP rank of the last pipeline stage writes `--out`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--inputs", required=True, help="safetensors with the micro-batches (see the module doc)")
     parser.add_argument("--out", required=True, help="safetensors to write the results to")
     parser.add_argument("--tp", type=int, required=True)
+    parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--vocab", type=int, required=True, help="padded vocabulary size of the model")
     parser.add_argument("--stage", choices=("sft", "rm", "critic"), required=True)
     parser.add_argument("--mode", choices=("loss", "train"), required=True)
@@ -116,7 +121,9 @@ def _critic_step(data_iterator, module):
 
     tokens = next(data_iterator)["tokens"]
     positions, mask = _causal(*tokens.shape[::-1])
-    values = head_outputs(module, tokens, positions, mask)[..., 0].transpose(0, 1)  # [b, s]
+    values = head_outputs(module, tokens, positions, mask)  # [s, b, 1] (hidden states before the last stage)
+    if module.post_process:
+        values = values[..., 0].transpose(0, 1)  # [b, s]
 
     def loss_func(output):
         zero = output.sum() * 0
@@ -129,9 +136,17 @@ STEPS = {"sft": _sft_step, "rm": _rm_step, "critic": _critic_step}
 KEYS = {"sft": ("tokens", "labels", "loss_mask"), "rm": ("tokens", "lengths"), "critic": ("tokens",)}
 
 
-def _micro_batches(inputs: dict, stage: str, count: int) -> list[dict]:
-    keys = KEYS[stage]
-    return [{k: inputs[f"mb{i}.{k}"] for k in keys} for i in range(count)]
+def _micro_batches(inputs: dict, stage: str, count: int, same_width: bool = False) -> list[dict]:
+    """The micro-batches in order; `same_width` right-pads [b, s] tensors to the widest (pipeline p2p shapes:
+    padding after the last real token changes nothing before it, the loss mask is 0 and RM reads at lengths-1)."""
+    batches = [{k: inputs[f"mb{i}.{k}"] for k in KEYS[stage]} for i in range(count)]
+    if same_width:
+        width = max(b["tokens"].shape[1] for b in batches)
+        for b in batches:
+            for k, v in b.items():
+                if v.dim() == 2:
+                    b[k] = torch.nn.functional.pad(v, (0, width - v.shape[1]))
+    return batches
 
 
 def _run_schedule(model, micro_batches: list[dict], stage: str, forward_only: bool) -> list[dict]:
@@ -156,14 +171,19 @@ def _gathered_token_ce(model, micro_batch: dict) -> torch.Tensor:
 
 
 def _loss_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
-    micro_batches = _micro_batches(inputs, args.stage, args.micro_batches)
+    from megatron.core import parallel_state
+
+    micro_batches = _micro_batches(inputs, args.stage, args.micro_batches, same_width=args.pp > 1)
     with torch.no_grad():
         reduced = _run_schedule(model, micro_batches, args.stage, forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return {}
     out = {"mb_loss": torch.stack([r["loss"] for r in reduced])}
     for i, (r, mb) in enumerate(zip(reduced, micro_batches)):
         if args.stage == "sft":
             out[f"mb{i}.token_ce"] = r["token_ce"]
-            out[f"mb{i}.token_ce_gathered"] = _gathered_token_ce(model, mb)
+            if args.pp == 1:
+                out[f"mb{i}.token_ce_gathered"] = _gathered_token_ce(model, mb)
         elif args.stage == "critic":
             out[f"mb{i}.values"] = r["values"]
         else:
@@ -195,7 +215,7 @@ def _train_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer, scheduler = _optimizer(ddp, args)
-    micro_batches = _micro_batches(inputs, args.stage, args.steps * args.micro_batches)
+    micro_batches = _micro_batches(inputs, args.stage, args.steps * args.micro_batches, same_width=args.pp > 1)
     losses, rewards = [], []
     for step in range(args.steps):
         ddp.zero_grad_buffer()
@@ -206,9 +226,13 @@ def _train_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
         if not update_ok:
             raise RuntimeError(f"megatron's optimizer skipped step {step}")
         scheduler.step(increment=1)
+        if not reduced:  # not the last pipeline stage: the losses are computed there
+            continue
         losses.append(torch.stack([r["loss"] for r in reduced]).mean())  # NeMo logs the mean over micro-batches
         if args.stage == "rm":
             rewards.append(torch.cat([r["rewards"] for r in reduced]))
+    if not losses:
+        return {}
     out = {"step_loss": torch.stack(losses)}
     if rewards:
         out["step_rewards"] = torch.stack(rewards)
@@ -227,11 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     from nemo_rlhf.verify.megatron_worker import load_weights
 
     apply_cpu_shims()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=1)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp,
+                                             pipeline_model_parallel_size=args.pp)
     with open(args.config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
-    model = build_gpt_model(cfg, args.vocab, args.tp, 1)
-    if args.stage in ("rm", "critic"):
+    model = build_gpt_model(cfg, args.vocab, args.tp, args.pp)
+    if args.stage in ("rm", "critic") and parallel_state.is_pipeline_last_stage():
         attach_reward_head(model, cfg)
     load_weights(model, args.weights)
     inputs = load_file(args.inputs)
@@ -243,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model.train()
         results = _train_mode(model, args, inputs)
-    if parallel_state.get_tensor_model_parallel_rank() == 0:
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         save_file({k: v.float().contiguous() for k, v in results.items()}, args.out,
                   metadata={"megatron_core": megatron_version()})
     torch.distributed.barrier()

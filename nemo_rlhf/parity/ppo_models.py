@@ -121,7 +121,7 @@ def build_rollout(current: dict[str, torch.Tensor], lengths: torch.Tensor, ends:
 # ------------------------------------------------------------------------------------------- the NeMo side
 
 def megatron_current(policy_nemo: Path, critic_nemo: Path, tokens: RolloutTokens, pad_id: int, vocab_len: int,
-                     tp: int) -> tuple[dict[str, torch.Tensor] | None, str, dict]:
+                     tp: int, pp: int = 1) -> tuple[dict[str, torch.Tensor] | None, str, dict]:
     """megatron-core's log-probs (policy) and values (critic) of the response positions; (None, tail, {}) on failure."""
     from nemo_rlhf.parity.megatron_launch import run_train_worker
 
@@ -129,10 +129,10 @@ def megatron_current(policy_nemo: Path, critic_nemo: Path, tokens: RolloutTokens
     index = tokens.response_index()
     loss_mask = torch.zeros(rows[:, 1:].shape, dtype=torch.long).scatter_(1, index, 1)
     policy = run_train_worker(policy_nemo, {"mb0.tokens": rows[:, :-1], "mb0.labels": rows[:, 1:],
-                                            "mb0.loss_mask": loss_mask}, vocab_len, tp, "sft", "loss")
+                                            "mb0.loss_mask": loss_mask}, vocab_len, tp, "sft", "loss", pp=pp)
     if policy.outputs is None:
         return None, f"policy:\n{policy.tail}", {}
-    critic = run_train_worker(critic_nemo, {"mb0.tokens": rows}, vocab_len, tp, "critic", "loss")
+    critic = run_train_worker(critic_nemo, {"mb0.tokens": rows}, vocab_len, tp, "critic", "loss", pp=pp)
     if critic.outputs is None:
         return None, f"critic:\n{critic.tail}", {}
     return {"logprobs": -policy.outputs["mb0.token_ce"].gather(1, index),
@@ -197,7 +197,8 @@ class ModelSides:
 
 def ppo_model_sides(spec, *, policy_hf: Path | None, policy_nemo: Path | None, critic_hf: Path | None,
                     critic_nemo: Path | None, rollouts: Path | None, tp: int, batch_size: int | None,
-                    seed: int, aligner_dir: Path | None = None, save_rollout: Path | None = None) -> ModelSides:
+                    seed: int, aligner_dir: Path | None = None, save_rollout: Path | None = None,
+                    pp: int = 1) -> ModelSides:
     """Both sides' current log-probs and values of one fixed rollout (module doc)."""
     from nemo_rlhf.parity import data as data_parity
     from nemo_rlhf.parity.loss import _tolerance, fixed_batch
@@ -240,10 +241,11 @@ def ppo_model_sides(spec, *, policy_hf: Path | None, policy_nemo: Path | None, c
             source = f"sampled from the policy (seed {seed}); rollout-time numbers = current +- seeded noise"
         if save_rollout is not None:
             save_token_rollout(save_rollout, tokens, rollout)
-        mcore, tail, meta = megatron_current(policy.nemo_path, critic.nemo_path, tokens, pad, len(tokenizer), tp)
+        mcore, tail, meta = megatron_current(policy.nemo_path, critic.nemo_path, tokens, pad, len(tokenizer), tp,
+                                             pp)
     logprob_tol, value_tol = _tolerance(hf["logits_max"]), _tolerance(hf["values"])
     info = {"policy": str(policy_hf or "built from the spec"), "critic": str(critic_hf or "built from the spec"),
-            "tp": tp, "rollouts": source, "megatron_core": meta.get("megatron_core", ""),
+            "tp": tp, "pp": pp, "rollouts": source, "megatron_core": meta.get("megatron_core", ""),
             "response_tokens": int(rollout.token_mask.sum())}
     if mcore is None:
         checks.append(Check("megatron/run", False, detail=f"megatron-core failed:\n{tail}"))
