@@ -55,13 +55,24 @@ def test_rm_curves_agree_and_a_shuffled_data_order_fails(tmp_path):
     assert (tmp_path / "rep" / "curves-rm-curves.png").is_file()
 
 
-def test_pipeline_parallel_loss_and_training_agree():
+def test_pipeline_parallel_loss_and_training_agree(tmp_path):
     """TP1 x PP2: megatron's pipelined schedule over gloo (p2p activations and gradients between the stages)."""
-    from nemo_rlhf.parity.loss import sft_rm_loss_parity
+    from nemo_rlhf.parity.loss import fixed_batch, sft_checks, sft_nemo_inputs, sft_trl_side
+    from nemo_rlhf.parity.megatron_launch import run_train_worker
+    from nemo_rlhf.parity.models import load_hf, stage_models
 
-    loss = sft_rm_loss_parity(load_spec(TINY, SFT), "sft", tp=1, pp=2, batch_size=2)
-    assert loss.passed and loss.meta["pp"] == 2, [(c.name, c.value, c.tolerance) for c in loss.checks]
-    assert {c.name for c in loss.checks} >= {"sft/token_ce", "sft/loss", "sft/loss_mask"}
+    spec = load_spec(TINY, SFT)
+    models = stage_models(spec, "sft", tmp_path)
+    tok, model = models.tokenizer, load_hf(models, "sft")
+    halves = [fixed_batch(spec, tok, "sft", 2, offset=offset) for offset in (0, 2)]
+    inputs = {k: v for i, b in enumerate(halves) for k, v in sft_nemo_inputs(tok, b.records, f"mb{i}").items()}
+    assert inputs["mb0.tokens"].shape[1] != inputs["mb1.tokens"].shape[1]  # one call, two widths: padded to one
+    run = run_train_worker(models.nemo_path, inputs, len(tok), 1, "sft", "loss", {"micro-batches": 2}, pp=2)
+    assert run.outputs is not None, run.tail
+    for i, half in enumerate(halves):
+        checks = sft_checks(sft_trl_side(model, tok, half.trl_rows), inputs, run.outputs, mb=i)
+        assert all(c.passed for c in checks), [(c.name, c.value, c.tolerance) for c in checks]
+        assert {c.name for c in checks} >= {"sft/token_ce", "sft/loss", "sft/loss_mask"}
     curves = curve_parity(load_spec(TINY, RM), "rm", 2, tp=1, pp=2)
     assert curves.passed and curves.meta["pp"] == 2, [(c.name, c.value, c.tolerance) for c in curves.checks]
 

@@ -180,12 +180,13 @@ def _loss_mode(model, args, inputs: dict) -> dict[str, torch.Tensor]:
         return {}
     out = {"mb_loss": torch.stack([r["loss"] for r in reduced])}
     for i, (r, mb) in enumerate(zip(reduced, micro_batches)):
+        width = inputs[f"mb{i}.tokens"].shape[1]  # per-position results at the micro-batch's own width
         if args.stage == "sft":
-            out[f"mb{i}.token_ce"] = r["token_ce"]
+            out[f"mb{i}.token_ce"] = r["token_ce"][:, :width]
             if args.pp == 1:
                 out[f"mb{i}.token_ce_gathered"] = _gathered_token_ce(model, mb)
         elif args.stage == "critic":
-            out[f"mb{i}.values"] = r["values"]
+            out[f"mb{i}.values"] = r["values"][:, :width]
         else:
             out[f"mb{i}.rewards"] = r["rewards"]
     return out
