@@ -132,21 +132,24 @@ def sft_checks(trl: dict, nemo_inputs: dict, mcore: dict, mb: int = 0) -> list[C
     both = trl_mask & nemo_mask & (trl_ids == nemo_ids)
     ce_trl, ce_nemo = _aligned(trl["token_ce"], mcore[f"mb{mb}.token_ce"])
     nemo_loss = float(mcore["mb_loss"][mb])
-    return [
+    checks = [
         Check.within("sft/token_ids", int(((trl_ids != nemo_ids) & real).sum()), 0,
                      "input positions (of trained targets) whose token differs between TRL and NeMo"),
         Check.within("sft/loss_mask", int((trl_mask != nemo_mask).sum()), 0,
                      f"positions trained on one side only ({int(trl_mask.sum())} TRL, {int(nemo_mask.sum())} NeMo)"),
         Check.within("sft/token_ce", float((ce_trl - ce_nemo).abs()[both].max()) if both.any() else float("nan"),
                      tol, "per-token CE: HF logits vs megatron's vocab-parallel CE, on positions both train"),
-        *([] if f"mb{mb}.token_ce_gathered" not in mcore else [Check.within(  # not computed with PP > 1
-            "sft/vocab_parallel_ce", float((_aligned(trl["token_ce"], mcore[f"mb{mb}.token_ce_gathered"])[1]
-                                            - ce_nemo).abs()[both].max()) if both.any() else float("nan"), tol,
-            "megatron's vocab-parallel CE vs CE of its gathered logits")]),
         Check.within("sft/loss", abs(float(trl["loss"]) - nemo_loss), tol,
                      f"masked mean CE: TRL {float(trl['loss']):.6f}, NeMo {nemo_loss:.6f}",
                      trl=float(trl["loss"]), nemo=nemo_loss),
     ]
+    gathered = mcore.get(f"mb{mb}.token_ce_gathered")  # the worker computes it at PP 1 only
+    if gathered is not None:
+        ce_gathered = _aligned(trl["token_ce"], gathered)[1]
+        checks.append(Check.within("sft/vocab_parallel_ce", float((ce_gathered - ce_nemo).abs()[both].max())
+                                   if both.any() else float("nan"), tol,
+                                   "megatron's vocab-parallel CE vs CE of its gathered logits"))
+    return checks
 
 
 # ----------------------------------------------------------------------------------------------- RM
